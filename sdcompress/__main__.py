@@ -1,0 +1,3 @@
+from sdcompress.cli.app import main
+
+main()
