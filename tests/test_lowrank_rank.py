@@ -23,7 +23,7 @@ def test_rules():
     assert rank_by_rule(S, E, "ratio", 0.2, 5) == 3  # >= 2.0
     assert rank_by_rule(S, E, "threshold", 1.0, 5) == 3  # > 1.0
     assert rank_by_rule(S, E, "energy", 0.8, 5) == 2  # 100/130.25 < 0.8 <= 125/130.25
-    assert rank_by_rule(S, E, "energy", 0.99, 5) == 4
+    assert rank_by_rule(S, E, "energy", 0.995, 5) == 4
     assert rank_by_rule(S, E, "ratio", 0.01, 2) == 2  # capped by max rank
 
 
