@@ -53,7 +53,9 @@ _D_DOWN_RES = re.compile(rf"encoder\.down_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+
 _D_DOWN_SAMPLE = re.compile(rf"encoder\.down_blocks\.(?P<i>\d+)\.downsamplers\.0\.conv\.{_PARAM}")
 _D_UP_RES = re.compile(rf"decoder\.up_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.(?P<leaf>\w+)\.{_PARAM}")
 _D_UP_SAMPLE = re.compile(rf"decoder\.up_blocks\.(?P<i>\d+)\.upsamplers\.0\.conv\.{_PARAM}")
-_D_MID_RES = re.compile(rf"(?P<part>encoder|decoder)\.mid_block\.resnets\.(?P<k>[01])\.(?P<leaf>\w+)\.{_PARAM}")
+_D_MID_RES = re.compile(
+    rf"(?P<part>encoder|decoder)\.mid_block\.resnets\.(?P<k>[01])\.(?P<leaf>\w+)\.{_PARAM}"
+)
 _D_MID_ATTN = re.compile(
     rf"(?P<part>encoder|decoder)\.mid_block\.attentions\.0\.(?P<leaf>to_out\.0|\w+)\.{_PARAM}"
 )
@@ -170,10 +172,11 @@ def _shape(sd: StateDict, key: str) -> tuple[int, ...]:
 def infer_vae_config(sd: StateDict) -> dict:
     """`AutoencoderKL` config fields read from diffusers keys and shapes.
 
-    Covers the topology (channels, levels, resnets per level). `norm_num_groups` cannot be seen in
-    shapes and is the SD value, 32, as `act_fn` is "silu". Family fields (scaling_factor, sample_size, force_upcast) are
-    the caller's. `mid_block_add_attention`, `use_quant_conv` and `use_post_quant_conv` appear only
-    when False, so an SD VAE gives exactly the published config's topology fields.
+    Covers the topology (channels, levels, resnets per level). `norm_num_groups` and `act_fn`
+    cannot be seen in shapes and take the SD values (32, "silu"). Family fields (scaling_factor,
+    sample_size, force_upcast) are the caller's. `mid_block_add_attention`, `use_quant_conv` and
+    `use_post_quant_conv` appear only when False, so an SD VAE gives exactly the published
+    config's topology fields.
     """
     keys = list(sd)
     levels = _count(keys, r"encoder\.down_blocks\.(\d+)\.")
@@ -198,4 +201,3 @@ def infer_vae_config(sd: StateDict) -> dict:
     if "post_quant_conv.weight" not in sd:
         config["use_post_quant_conv"] = False
     return config
-
