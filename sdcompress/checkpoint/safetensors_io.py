@@ -174,7 +174,7 @@ def _write_tensor(t: torch.Tensor, dst_fd: int) -> None:
     t = t.contiguous()
     if t.numel() == 0:
         return
-    data = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # reshape first: 0-d tensors (logit_scale)
     while data:
         n = os.write(dst_fd, data)
         data = data[n:]
