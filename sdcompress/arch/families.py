@@ -23,7 +23,6 @@ _XL_DOWN = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
 _XL_UP = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
 
 _UNET_COMMON: Config = {
-    "_class_name": "UNet2DConditionModel",
     "act_fn": "silu",
     "center_input_sample": False,
     "downsample_padding": 1,
@@ -51,7 +50,6 @@ def _unet(**changes: Any) -> Config:
 def _vae(block_out: list[int], *, layers: int = 2, sample_size: int, scaling: float, upcast: bool) -> Config:
     n = len(block_out)
     return {
-        "_class_name": "AutoencoderKL",
         "act_fn": "silu",
         "block_out_channels": block_out,
         "down_block_types": ["DownEncoderBlock2D"] * n,

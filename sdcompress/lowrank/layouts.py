@@ -1,0 +1,397 @@
+"""LoRA files: the layouts people share, read into one form and written back out.
+
+Reading accepts kohya (`lora_unet_*`, `lora_te*_`), PEFT / diffusers
+(`unet.<path>.lora_A.weight`), ComfyUI's `diffusion_model.<SGM path>`, and the
+LyCORIS tensors found under kohya names (LoCon `lora_mid`, LoHa `hada_*`,
+LoKr `lokr_*`, full `.diff`). Every module becomes an `Adapter` that knows how
+to compute its fp32 delta; `resolve` ties adapters to a model's modules and
+refuses names that match nothing, because a LoRA that silently does nothing is
+the failure users report most.
+
+Writing produces kohya (down/up/alpha plus `ss_*`, `modelspec.*` and
+`sshs_model_hash`) or PEFT (lora_A/lora_B, alpha in `lora_adapter_metadata`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdcompress.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+from sdcompress.checkpoint.tensors import LazyTensor, StateDict
+from sdcompress.errors import SdcError
+from sdcompress.lowrank.merge_math import lora_delta
+from sdcompress.lowrank.targets import COMPONENTS, UNET, Naming, Target
+
+KOHYA = "kohya"
+PEFT = "peft"
+FORMATS = (KOHYA, PEFT)
+
+_SUFFIXES = (
+    "lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight", "lora_mid.weight",
+    "lora.down.weight", "lora.up.weight", "lora_linear_layer.down.weight", "lora_linear_layer.up.weight",
+    "alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "diff", "diff_b", "dora_scale",
+)  # fmt: skip
+_SUFFIX_RX = re.compile(r"^(?P<module>.+?)\.(?P<suffix>" + "|".join(re.escape(s) for s in _SUFFIXES) + r")$")
+_CANON = {
+    "lora_A.weight": "down", "lora_down.weight": "down", "lora.down.weight": "down",
+    "lora_linear_layer.down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
+    "lora.up.weight": "up", "lora_linear_layer.up.weight": "up", "lora_mid.weight": "mid",
+}  # fmt: skip
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_DOTTED_PREFIXES = {"unet.": UNET, "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+_SGM_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "lora_unet.")
+METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclass
+class Adapter:
+    """One module's update as stored in a file; `delta()` gives it in fp32 at the target's shape."""
+
+    name: str  # the module name as written in the file
+    tensors: dict[str, LazyTensor] = field(default_factory=dict)  # canonical suffix -> tensor
+    alpha: float | None = None
+
+    @property
+    def kind(self) -> str:
+        t = self.tensors
+        if "dora_scale" in t:
+            return "dora"
+        if any(k.startswith("hada_") for k in t):
+            return "loha"
+        if any(k.startswith("lokr_") for k in t):
+            return "lokr"
+        if "diff" in t or "diff_b" in t:
+            return "diff"
+        return "lora"
+
+    @property
+    def rank(self) -> int:
+        return self.tensors["down"].shape[0] if "down" in self.tensors else 0
+
+    def check(self, path: str) -> None:
+        kind, t = self.kind, self.tensors
+        if kind == "dora":
+            raise SdcError(f"{path} is a DoRA ({self.name}.dora_scale); sdcompress cannot bake DoRA weights yet.")
+        need = {
+            "lora": [("down",), ("up",)],
+            "loha": [("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)],
+            "lokr": [("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")],
+            "diff": [("diff", "diff_b")],
+        }[kind]
+        for options in need:
+            if not any(o in t for o in options):
+                raise SdcError(f"{path} is incomplete: module {self.name} has no {options[0]} tensor.")
+
+    def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The weight update (scale alpha/rank included, multiplier not) at `shape`, fp32."""
+        t = {k: v.load().float() for k, v in self.tensors.items() if k != "diff_b"}
+        kind = self.kind
+        if kind == "lora":
+            return lora_delta(t["up"], t["down"], self._scale(t["down"].shape[0]), t.get("mid")).reshape(shape)
+        if kind == "diff":
+            return t["diff"].reshape(shape)
+        if kind == "loha":
+            w1 = _factor(t["hada_w1_a"], t["hada_w1_b"], t.get("hada_t1"))
+            w2 = _factor(t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t2"))
+            return (w1.reshape(shape) * w2.reshape(shape)) * self._scale(t["hada_w1_b"].shape[0])
+        # LoKr: kron(w1, w2); the scale applies only when a factor is itself low-rank
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t["lokr_w2"] if "lokr_w2" in t else _factor(t["lokr_w2_a"], t["lokr_w2_b"], t.get("lokr_t2"))
+        dim = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else 0
+        scale = self.alpha / dim if self.alpha is not None and dim else 1.0
+        if w2.ndim == 4:
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1, w2).reshape(shape) * scale
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return self.tensors["diff_b"].load().float() if "diff_b" in self.tensors else None
+
+    def _scale(self, rank: int) -> float:
+        return self.alpha / rank if self.alpha is not None and rank else 1.0
+
+
+def _factor(a: torch.Tensor, b: torch.Tensor, tucker: torch.Tensor | None) -> torch.Tensor:
+    """a @ b, or with a Tucker core t: W[p, r, ...] = sum_ij t[i, j, ...] b[j, r] a[i, p]."""
+    if tucker is None:
+        return a @ b.reshape(b.shape[0], -1)
+    return torch.einsum("ij...,jr,ip->pr...", tucker, b, a)
+
+
+@dataclass
+class LoraFile:
+    """A parsed LoRA: adapters by module name, the file's metadata and its layout."""
+
+    path: str
+    layout: str  # "kohya", "peft", "sgm" (diffusion_model.*), or "lycoris" (kohya names, LyCORIS tensors)
+    adapters: dict[str, Adapter]
+    metadata: dict[str, str]
+
+    @property
+    def base_model_version(self) -> str | None:
+        return self.metadata.get("ss_base_model_version")
+
+    def looks_sdxl(self) -> bool | None:
+        """True/False when the file says (metadata or te1/te2 names), None when it does not."""
+        v = self.base_model_version or self.metadata.get("modelspec.architecture", "")
+        if v:
+            return "xl" in v
+        names = self.adapters
+        if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names):
+            return True
+        if any(n.startswith("lora_te_") for n in names):
+            return False
+        if any("input_blocks" in n or "output_blocks" in n for n in names) and any(
+            n.startswith("lora_unet_") for n in names
+        ):
+            return True
+        return None
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Parse any supported LoRA file; unknown tensor names are an error, not a silent skip."""
+    f = SafetensorsFile(path)
+    sd = f.state_dict()
+    adapters: dict[str, Adapter] = {}
+    unknown = []
+    for key, lt in sd.items():
+        m = _SUFFIX_RX.match(key)
+        if not m:
+            unknown.append(key)
+            continue
+        module, suffix = m.group("module"), m.group("suffix")
+        a = adapters.setdefault(module, Adapter(module))
+        if suffix == "alpha":
+            a.alpha = float(lt.load().float().reshape(-1)[0])
+        else:
+            a.tensors[_CANON.get(suffix, suffix)] = lt
+    if unknown:
+        raise SdcError(f"{f.path} has tensors that are not LoRA weights (e.g. {unknown[0]!r}); is it a LoRA file?")
+    if not adapters:
+        raise SdcError(f"{f.path} holds no LoRA weights.")
+    layout = _detect_layout(adapters)
+    if layout == PEFT:
+        _apply_peft_alphas(adapters, f.metadata)
+    for a in adapters.values():
+        a.check(f.path)
+    return LoraFile(f.path, layout, adapters, f.metadata)
+
+
+def _detect_layout(adapters: Mapping[str, Adapter]) -> str:
+    names = list(adapters)
+    if all(n.startswith(_KOHYA_PREFIXES) for n in names):
+        return "lycoris" if any(a.kind != "lora" or "mid" in a.tensors for a in adapters.values()) else KOHYA
+    if all(n.startswith(tuple(_DOTTED_PREFIXES)) for n in names):
+        return PEFT
+    if all(n.startswith(_SGM_PREFIXES) for n in names):
+        return "sgm"
+    odd = next(n for n in names if not n.startswith((*_KOHYA_PREFIXES, *_DOTTED_PREFIXES, *_SGM_PREFIXES)))
+    raise SdcError(f"cannot tell which model the LoRA module {odd!r} belongs to; sdcompress reads kohya and PEFT names.")
+
+
+def _apply_peft_alphas(adapters: Mapping[str, Adapter], metadata: Mapping[str, str]) -> None:
+    """PEFT files keep alpha in a LoraConfig JSON per component; without it alpha = rank."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError:
+        return
+    for name, a in adapters.items():
+        component, _, path = name.partition(".")
+        if a.alpha is not None:
+            continue
+        alpha = cfg.get(f"{component}.lora_alpha")
+        for pattern, value in (cfg.get(f"{component}.alpha_pattern") or {}).items():
+            if path == pattern or path.endswith("." + pattern):
+                alpha = value
+        if alpha is not None:
+            a.alpha = float(alpha)
+
+
+def resolve(lora: LoraFile, naming: Naming) -> dict[Target, Adapter]:
+    """Tie each adapter to a model module; any adapter that matches nothing is an error."""
+    out: dict[Target, Adapter] = {}
+    missing = []
+    for name, a in lora.adapters.items():
+        t = _target_of(name, naming)
+        if t is None:
+            missing.append(name)
+        else:
+            out[t] = a
+    if missing:
+        family = lora.base_model_version or lora.metadata.get("modelspec.architecture")
+        hint = f" (the file says it is for {family})" if family else ""
+        what = "none" if not out else f"{len(missing)} of {len(lora.adapters)}"
+        raise SdcError(
+            f"{lora.path}: {what} of its modules match the model (first: {missing[0]!r}){hint}; "
+            "use a LoRA made for this model family."
+        )
+    return out
+
+
+def _target_of(name: str, naming: Naming) -> Target | None:
+    if name.startswith(_KOHYA_PREFIXES):
+        return naming.from_kohya(name)
+    for prefix, component in _DOTTED_PREFIXES.items():
+        if name.startswith(prefix):
+            return naming.from_dotted(component, name[len(prefix) :])
+    for prefix in _SGM_PREFIXES:
+        if name.startswith(prefix):
+            return naming.from_dotted("sgm", name[len(prefix) :]) or naming.from_dotted(UNET, name[len(prefix) :])
+    return None
+
+
+# ----- writing -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraModule:
+    """A low-rank update ready to write: delta = up @ down * alpha / rank (convs composed)."""
+
+    target: Target
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+def shape_factors(up: torch.Tensor, down: torch.Tensor, weight_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrix factors [out, r] / [r, in*k*k] in the shapes a conv or linear LoRA stores."""
+    r = down.shape[0]
+    if len(weight_shape) == 4:
+        return up.reshape(weight_shape[0], r, 1, 1), down.reshape(r, *weight_shape[1:])
+    return up.reshape(weight_shape[0], r), down.reshape(r, weight_shape[1])
+
+
+def _lazy(t: torch.Tensor, dtype: torch.dtype) -> LazyTensor:
+    t = t.detach().to(dtype).contiguous()
+    return LazyTensor.of(t)
+
+
+def kohya_state_dict(modules: list[LoraModule], naming: Naming, dtype: torch.dtype) -> StateDict:
+    sd: StateDict = {}
+    for m in sorted(modules, key=lambda m: (COMPONENTS.index(m.target.component), naming.kohya(m.target))):
+        name = naming.kohya(m.target)
+        sd[f"{name}.alpha"] = _lazy(torch.tensor(float(m.alpha)), dtype)
+        sd[f"{name}.lora_down.weight"] = _lazy(m.down, dtype)
+        sd[f"{name}.lora_up.weight"] = _lazy(m.up, dtype)
+    return sd
+
+
+def peft_state_dict(modules: list[LoraModule], naming: Naming, dtype: torch.dtype) -> tuple[StateDict, dict[str, str]]:
+    """PEFT layout plus the `lora_adapter_metadata` LoraConfig per component (ranks and alphas per module).
+
+    Patterns and target modules name the path without `text_model.`, a suffix of
+    both the old and the transformers-5 CLIP module names, so PEFT matches either.
+    """
+    sd: StateDict = {}
+    config: dict[str, object] = {}
+    for component in COMPONENTS:
+        mods = sorted((m for m in modules if m.target.component == component), key=lambda m: m.target.path)
+        if not mods:
+            continue
+        ranks = [m.rank for m in mods]
+        r = max(set(ranks), key=ranks.count)
+        alphas = [m.alpha for m in mods]
+        alpha = max(set(alphas), key=alphas.count)
+        pattern_name = {m.target: naming.dotted(m.target).removeprefix("text_model.") for m in mods}
+        config[f"{component}.r"] = r
+        config[f"{component}.lora_alpha"] = alpha
+        config[f"{component}.target_modules"] = sorted(pattern_name.values())
+        config[f"{component}.rank_pattern"] = {pattern_name[m.target]: m.rank for m in mods if m.rank != r}
+        config[f"{component}.alpha_pattern"] = {pattern_name[m.target]: m.alpha for m in mods if m.alpha != alpha}
+        config[f"{component}.init_lora_weights"] = True
+        for m in mods:
+            name = naming.peft(m.target)
+            sd[f"{name}.lora_A.weight"] = _lazy(m.down, dtype)
+            sd[f"{name}.lora_B.weight"] = _lazy(m.up, dtype)
+    return sd, {"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True)}
+
+
+def kohya_metadata(
+    *,
+    family: object,
+    title: str,
+    rank: int,
+    conv_rank: int | None,
+    alpha: float,
+    prediction_type: str,
+    resolution: int,
+) -> dict[str, str]:
+    """`ss_*` and `modelspec.*` keys; `family` is an `arch.families.Family`."""
+    args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}
+    arch = getattr(family, "modelspec_architecture", "stable-diffusion-v1")
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": _num(alpha),
+        "ss_network_args": json.dumps(args),
+        "ss_base_model_version": getattr(family, "base_model_version", "sd_v1"),
+        "ss_v2": str(getattr(family, "base_model_version", "").startswith("sd_v2")),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if "xl" in arch
+        else "diffusers",
+        "modelspec.title": title,
+        "modelspec.date": datetime.date.today().isoformat(),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": prediction_type,
+    }
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def data_hash(sd: Mapping[str, LazyTensor]) -> str:
+    """sha256 of the data section of the file `write_safetensors` makes from `sd` (kohya's sshs_model_hash).
+
+    The writer lays tensors out in order with no padding between them, so
+    hashing their bytes in order equals hashing the file after its header.
+    """
+    h = hashlib.sha256()
+    for lt in sd.values():
+        t = lt.load().contiguous()
+        if t.numel():
+            h.update(t.view(torch.uint8).reshape(-1).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_lora(
+    path: str | Path,
+    modules: list[LoraModule],
+    naming: Naming,
+    *,
+    fmt: str,
+    dtype: torch.dtype,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    on_tensor: Callable[[str, LazyTensor], None] | None = None,
+) -> int:
+    """Write `modules` in layout `fmt`; returns the file size in bytes."""
+    if fmt == KOHYA:
+        sd = kohya_state_dict(modules, naming, dtype)
+        meta = dict(metadata or {})
+        meta["sshs_model_hash"] = data_hash(sd)
+    elif fmt == PEFT:
+        sd, meta = peft_state_dict(modules, naming, dtype)
+        meta = {**(metadata or {}), **meta}
+    else:
+        raise SdcError(f"unknown LoRA format {fmt!r}; choose kohya or peft.")
+    write_safetensors(path, sd, meta, overwrite=overwrite, on_tensor=on_tensor)
+    return Path(path).stat().st_size

@@ -1,0 +1,122 @@
+"""Merge arithmetic as small pure functions over tensors, registered by name.
+
+Each method takes the tensors of one key from every input (fp32) and returns
+the merged tensor; the merge service streams a model through it key by key, so
+memory stays near one tensor per input whatever the model size. A new method
+is one decorated function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sdcompress.errors import SdcError
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    n_models: tuple[int, int]  # min, max number of inputs
+    doc: str
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str, n_models: tuple[int, int]) -> Callable[[Callable[..., torch.Tensor]], Callable]:
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        METHODS[name] = MergeMethod(name, fn, n_models, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    if name not in METHODS:
+        raise SdcError(f"unknown merge method {name!r}; choose one of {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+@merge_method("weighted-sum", (2, 2))
+def weighted_sum(tensors: Sequence[torch.Tensor], *, alpha: float = 0.5, **_: object) -> torch.Tensor:
+    """A * (1 - alpha) + B * alpha."""
+    a, b = tensors
+    return torch.lerp(a, b, alpha)
+
+
+@merge_method("add-difference", (3, 3))
+def add_difference(tensors: Sequence[torch.Tensor], *, alpha: float = 1.0, **_: object) -> torch.Tensor:
+    """A + (B - C) * alpha: transplant what B learned on top of C into A."""
+    a, b, c = tensors
+    return a + (b - c) * alpha
+
+
+def _task_vectors(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    base = tensors[0]
+    return base, torch.stack([t - base for t in tensors[1:]])
+
+
+def _trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top `density` share of each task vector by magnitude, zero the rest.
+
+    The threshold is the k-th largest |value|, taken with `torch.kthvalue`
+    (`torch.quantile` refuses tensors over 2**24 elements).
+    """
+    if density >= 1:
+        return deltas
+    flat = deltas.reshape(deltas.shape[0], -1)
+    n = flat.shape[1]
+    k = max(1, int(round(density * n)))
+    thresh = flat.abs().kthvalue(n - k + 1, dim=1, keepdim=True).values
+    return torch.where(flat.abs() >= thresh, flat, torch.zeros_like(flat)).reshape(deltas.shape)
+
+
+@merge_method("ties", (2, 16))
+def ties(tensors: Sequence[torch.Tensor], *, alpha: float = 1.0, density: float = 0.2, **_: object) -> torch.Tensor:
+    """TIES: base + alpha * disjoint mean of trimmed task vectors that agree with the elected sign."""
+    base, deltas = _task_vectors(tensors)
+    deltas = _trim(deltas, density)
+    sign = torch.sign(deltas.sum(0))
+    agree = (torch.sign(deltas) == sign) & (deltas != 0)
+    count = agree.sum(0).clamp(min=1)
+    merged = (deltas * agree).sum(0) / count
+    return base + alpha * merged
+
+
+@merge_method("dare", (2, 16))
+def dare(
+    tensors: Sequence[torch.Tensor],
+    *,
+    alpha: float = 1.0,
+    density: float = 0.1,
+    seed: int = 0,
+    key_index: int = 0,
+    **_: object,
+) -> torch.Tensor:
+    """DARE: drop each task-vector entry with probability 1 - density, rescale the rest by 1/density, sum."""
+    if not 0 < density <= 1:
+        raise SdcError(f"--density must be in (0, 1], got {density}.")
+    base, deltas = _task_vectors(tensors)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + key_index)
+    keep = torch.rand(deltas.shape, generator=g) < density
+    return base + alpha * (deltas * keep).sum(0) / density
+
+
+def lora_delta(up: torch.Tensor, down: torch.Tensor, scale: float, mid: torch.Tensor | None = None) -> torch.Tensor:
+    """up @ down * scale as a flat [out, in*kh*kw] matrix, for linears, 1x1 and kxk convs.
+
+    A conv LoRA is two convolutions: down [r, in, kh, kw] then up [out, r, 1, 1];
+    composing them is a matrix product over the flattened kernels. With a
+    LoCon Tucker core `mid` [r, r, kh, kw] (down and up are then 1x1) the
+    kernel is sum_ab up[o, a] mid[a, b, h, w] down[b, i].
+    """
+    u = up.reshape(up.shape[0], -1).float()
+    d = down.reshape(down.shape[0], -1).float()
+    if mid is None:
+        return (u @ d) * scale
+    w = torch.einsum("oa,abhw,bi->oihw", u, mid.float(), d)
+    return w.reshape(w.shape[0], -1) * scale

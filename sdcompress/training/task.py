@@ -1,0 +1,207 @@
+"""The strategy the engine trains: what is trainable, how the loss is computed, how results are saved.
+
+`TrainTask` is the whole contract between the loop and a job. `DiffusionTask`
+implements the part every Stable Diffusion job shares (latents from the VAE,
+optionally cached; one text-encoder forward; noise, timesteps and target; the
+U-Net call with SDXL's added conditions), so distill, finetune and LoRA
+training each add only what makes them different.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from sdcompress.training.conditioning import Conditioning, encode_prompts, unet_added_conditions
+from sdcompress.training.losses import diffusion_loss
+from sdcompress.training.noise import NoiseConfig, NoisyBatch, add_noise
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """One training job on the shared loop."""
+
+    name: str
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules with trainable parameters; the engine wraps them (DDP, mixed precision) and checkpoints them."""
+
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (own lr per group allowed)."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory in the trainable modules."""
+
+    def bind(self, prepared: dict[str, torch.nn.Module], device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Receive the wrapped trainable modules and move the frozen parts to the device."""
+
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The loss for one batch: a dict with a differentiable "loss" entry and named terms."""
+
+    def validation_pipeline(self):
+        """A diffusers pipeline using the current weights, for validation images (or None)."""
+
+    def save(self, output_dir: Path) -> None:
+        """Write the trained result into `output_dir` (an empty temporary folder)."""
+
+
+@dataclass
+class DiffusionParts:
+    """A Stable Diffusion model taken apart for training; `unet` is the model being trained."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+    pipeline_class: type | None = None
+    extra_components: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> DiffusionParts:
+        """Parts of a loaded diffusers pipeline; its scheduler's settings become a DDPM training scheduler."""
+        from diffusers import DDPMScheduler
+
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
+        known = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+        extra = {k: v for k, v in pipe.components.items() if k not in known}
+        return cls(
+            unet=pipe.unet,
+            vae=pipe.vae,
+            text_encoders=encoders,
+            tokenizers=tokenizers,
+            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+            pipeline_class=type(pipe),
+            extra_components={"scheduler": pipe.scheduler, **extra},
+        )
+
+    def pipeline(self, unet: torch.nn.Module | None = None):
+        """A pipeline of the same class around `unet` (default: the parts' own U-Net)."""
+        components: dict[str, Any] = {
+            "unet": unet if unet is not None else self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoders[0],
+            "tokenizer": self.tokenizers[0],
+            **self.extra_components,
+        }
+        if self.is_sdxl:
+            components["text_encoder_2"] = self.text_encoders[1]
+            components["tokenizer_2"] = self.tokenizers[1]
+        pipe = self.pipeline_class(**components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Task-loss options shared by every diffusion job."""
+
+    noise: NoiseConfig = NoiseConfig()
+    snr_gamma: float | None = None
+    cache_latents: bool = False
+
+
+@dataclass
+class PreparedBatch:
+    """A batch turned into U-Net inputs."""
+
+    noisy: NoisyBatch
+    cond: Conditioning
+    added: dict[str, torch.Tensor] | None
+
+
+class DiffusionTask:
+    """Shared machinery for tasks that train a U-Net (and maybe text encoders) on captioned images."""
+
+    name = "diffusion"
+
+    def __init__(self, parts: DiffusionParts, loss: LossConfig, *, train_text_encoders: bool = False) -> None:
+        self.parts = parts
+        self.loss_config = loss
+        self.train_text_encoders = train_text_encoders
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+        self._latent_cache: dict[int, torch.Tensor] = {}
+        self.parts.vae.requires_grad_(False)
+        for encoder in self.parts.text_encoders:
+            encoder.requires_grad_(train_text_encoders)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.parts.unet.enable_gradient_checkpointing()
+        if self.train_text_encoders:
+            for encoder in self.parts.text_encoders:
+                encoder.gradient_checkpointing_enable()
+
+    # -- device placement -------------------------------------------------
+
+    def move_frozen(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Frozen parts to the device; the VAE stays fp32 when its config says it overflows in half."""
+        self.device, self.weight_dtype = device, weight_dtype
+        vae_dtype = torch.float32 if getattr(self.parts.vae.config, "force_upcast", False) else weight_dtype
+        self.parts.vae.to(device, vae_dtype)
+        if not self.train_text_encoders:
+            for encoder in self.parts.text_encoders:
+                encoder.to(device, weight_dtype)
+
+    # -- inputs -----------------------------------------------------------
+
+    @torch.no_grad()
+    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """VAE latents of the batch's images (scaled), from the cache when latent caching is on."""
+        indices = batch["index"].tolist()
+        if self.loss_config.cache_latents and all(i in self._latent_cache for i in indices):
+            return torch.stack([self._latent_cache[i] for i in indices]).to(self.device)
+        vae = self.parts.vae
+        pixels = batch["pixel_values"].to(self.device, next(vae.parameters()).dtype)
+        latents = vae.encode(pixels).latent_dist.mode()  # the mean: deterministic, so resume stays exact
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = ((latents - shift) * vae.config.scaling_factor).float()
+        if self.loss_config.cache_latents:
+            for i, latent in zip(indices, latents, strict=True):
+                self._latent_cache[i] = latent.cpu()
+        return latents
+
+    def encode(self, batch: dict[str, Any]) -> Conditioning:
+        """One text-encoder forward for the batch (with gradients only when the encoders train)."""
+        with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
+            return encode_prompts(self.parts.text_encoders, self.parts.tokenizers, batch["captions"], self.device)
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> PreparedBatch:
+        """Latents, conditioning, noise, timesteps and target for one batch."""
+        latents = self.latents(batch)
+        cond = self.encode(batch)
+        noisy = add_noise(self.parts.noise_scheduler, latents, self.loss_config.noise, generator)
+        added = unet_added_conditions(cond, batch, self.device, torch.float32)
+        return PreparedBatch(noisy=noisy, cond=cond, added=added)
+
+    def task_loss(self, prediction: torch.Tensor, prepared: PreparedBatch) -> torch.Tensor:
+        """The diffusion loss (epsilon or v target; Min-SNR weighted when asked)."""
+        return diffusion_loss(
+            prediction,
+            prepared.noisy.target,
+            scheduler=self.parts.noise_scheduler,
+            timesteps=prepared.noisy.timesteps,
+            snr_gamma=self.loss_config.snr_gamma,
+            prediction_type=prepared.noisy.prediction_type,
+        )
+
+
+def run_unet(unet, prepared: PreparedBatch, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Call a U-Net on a prepared batch, casting inputs to `dtype` (a half-precision teacher) when given."""
+    noisy, hidden = prepared.noisy.noisy_latents, prepared.cond.hidden_states
+    added = prepared.added
+    if dtype is not None:
+        noisy, hidden = noisy.to(dtype), hidden.to(dtype)
+        added = None if added is None else {k: v.to(dtype) for k, v in added.items()}
+    else:
+        hidden = hidden.float()
+    kwargs = {"added_cond_kwargs": added} if added is not None else {}
+    return unet(noisy, prepared.noisy.timesteps, encoder_hidden_states=hidden, return_dict=False, **kwargs)[0]
