@@ -70,7 +70,9 @@ class Extraction:
 Progress = Callable[[str, int, int], None]
 
 
-def check_same_architecture(base: Mapping[str, StateDict], tuned: Mapping[str, StateDict], components: list[str]) -> None:
+def check_same_architecture(
+    base: Mapping[str, StateDict], tuned: Mapping[str, StateDict], components: list[str]
+) -> None:
     """Same keys and shapes in every compared component; else name the first layer that differs."""
     for c in components:
         if (c in base) != (c in tuned):
@@ -89,11 +91,13 @@ def check_same_architecture(base: Mapping[str, StateDict], tuned: Mapping[str, S
             if b[key].shape != t[key].shape:
                 raise SdcError(
                     f"the models differ in architecture: {c}.{key} is {list(b[key].shape)} in the base and "
-                    f"{list(t[key].shape)} in the tuned model; extract from two models of the same architecture."
+                    f"{list(t[key].shape)} in the tuned model; extract from two models of one architecture."
                 )
 
 
-def list_targets(base: Mapping[str, StateDict], options: ExtractOptions) -> list[tuple[Target, tuple[int, ...]]]:
+def list_targets(
+    base: Mapping[str, StateDict], options: ExtractOptions
+) -> list[tuple[Target, tuple[int, ...]]]:
     components = [UNET] + ([TE, TE2] if options.text_encoder else [])
     out = []
     for c in components:
@@ -104,10 +108,9 @@ def list_targets(base: Mapping[str, StateDict], options: ExtractOptions) -> list
 
 
 def _cap(shape: tuple[int, ...], options: ExtractOptions) -> int:
+    """The largest rank a layer may get: the conv rank for spatial kernels, else the rank."""
     if is_conv_kernel(shape):
         return options.conv_rank or 0
-    if options.size_budget is not None and options.mode == "fixed":
-        return options.rank
     return options.rank
 
 
@@ -122,7 +125,9 @@ def extract(
     check_same_architecture(base, tuned, components)
     targets = list_targets(base, options)
     if not targets:
-        raise SdcError("the models have no layers a LoRA can adapt; check that they are Stable Diffusion models.")
+        raise SdcError(
+            "the models have no layers a LoRA can adapt; check that they are Stable Diffusion models."
+        )
     batch = GPU_BATCH if torch.device(options.device).type == "cuda" else 1
     factors: dict[Target, LowRank] = {}
     unchanged: list[Target] = []
@@ -138,7 +143,7 @@ def extract(
             factors[t] = lr
         pending.clear()
 
-    for i, (target, shape) in enumerate(targets):
+    for i, (target, _) in enumerate(targets):
         if progress:
             progress(target.component + "." + target.path, i, len(targets))
         key = target.weight_key
@@ -165,7 +170,9 @@ def extract(
     return _finish(factors, dict(targets), unchanged, options)
 
 
-def _choose_ranks(factors: dict[Target, LowRank], shapes: dict[Target, tuple[int, ...]], options: ExtractOptions):
+def _choose_ranks(
+    factors: dict[Target, LowRank], shapes: dict[Target, tuple[int, ...]], options: ExtractOptions
+):
     if options.size_budget is not None:
         el = dtype_size(options.dtype)
         layers = [
@@ -189,10 +196,11 @@ def _finish(
     modules, layers = [], []
     for t, lr in factors.items():
         shape = shapes[t]
-        requested = _cap(shape, options) if options.size_budget is None and options.mode == "fixed" else ranks[t]
-        choice = clamp_rank(requested, shape)
+        choice = clamp_rank(_cap(shape, options), shape)
         rank = min(ranks[t], choice.rank)
-        layers.append(LayerResult(t, shape, rank, requested, choice.clamped, lr.energy, lr.sq_error(rank)))
+        layers.append(
+            LayerResult(t, shape, rank, choice.requested, choice.clamped, lr.energy, lr.sq_error(rank))
+        )
         if rank == 0:
             continue
         kept = lr.truncated(rank)

@@ -81,7 +81,9 @@ class Adapter:
     def check(self, path: str) -> None:
         kind, t = self.kind, self.tensors
         if kind == "dora":
-            raise SdcError(f"{path} is a DoRA ({self.name}.dora_scale); sdcompress cannot bake DoRA weights yet.")
+            raise SdcError(
+                f"{path} is a DoRA ({self.name}.dora_scale); sdcompress cannot bake DoRA weights yet."
+            )
         need = {
             "lora": [("down",), ("up",)],
             "loha": [("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)],
@@ -97,7 +99,9 @@ class Adapter:
         t = {k: v.load().float() for k, v in self.tensors.items() if k != "diff_b"}
         kind = self.kind
         if kind == "lora":
-            return lora_delta(t["up"], t["down"], self._scale(t["down"].shape[0]), t.get("mid")).reshape(shape)
+            return lora_delta(t["up"], t["down"], self._scale(t["down"].shape[0]), t.get("mid")).reshape(
+                shape
+            )
         if kind == "diff":
             return t["diff"].reshape(shape)
         if kind == "loha":
@@ -107,7 +111,13 @@ class Adapter:
         # LoKr: kron(w1, w2); the scale applies only when a factor is itself low-rank
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         w2 = t["lokr_w2"] if "lokr_w2" in t else _factor(t["lokr_w2_a"], t["lokr_w2_b"], t.get("lokr_t2"))
-        dim = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else 0
+        dim = (
+            t["lokr_w2_b"].shape[0]
+            if "lokr_w2_b" in t
+            else t["lokr_w1_b"].shape[0]
+            if "lokr_w1_b" in t
+            else 0
+        )
         scale = self.alpha / dim if self.alpha is not None and dim else 1.0
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]
@@ -175,7 +185,9 @@ def read_lora(path: str | Path) -> LoraFile:
         else:
             a.tensors[_CANON.get(suffix, suffix)] = lt
     if unknown:
-        raise SdcError(f"{f.path} has tensors that are not LoRA weights (e.g. {unknown[0]!r}); is it a LoRA file?")
+        raise SdcError(
+            f"{f.path} has tensors that are not LoRA weights (e.g. {unknown[0]!r}); is it a LoRA file?"
+        )
     if not adapters:
         raise SdcError(f"{f.path} holds no LoRA weights.")
     layout = _detect_layout(adapters)
@@ -195,7 +207,9 @@ def _detect_layout(adapters: Mapping[str, Adapter]) -> str:
     if all(n.startswith(_SGM_PREFIXES) for n in names):
         return "sgm"
     odd = next(n for n in names if not n.startswith((*_KOHYA_PREFIXES, *_DOTTED_PREFIXES, *_SGM_PREFIXES)))
-    raise SdcError(f"cannot tell which model the LoRA module {odd!r} belongs to; sdcompress reads kohya and PEFT names.")
+    raise SdcError(
+        f"cannot tell which model the LoRA module {odd!r} belongs to; sdcompress reads kohya and PEFT names."
+    )
 
 
 def _apply_peft_alphas(adapters: Mapping[str, Adapter], metadata: Mapping[str, str]) -> None:
@@ -248,7 +262,9 @@ def _target_of(name: str, naming: Naming) -> Target | None:
             return naming.from_dotted(component, name[len(prefix) :])
     for prefix in _SGM_PREFIXES:
         if name.startswith(prefix):
-            return naming.from_dotted("sgm", name[len(prefix) :]) or naming.from_dotted(UNET, name[len(prefix) :])
+            return naming.from_dotted("sgm", name[len(prefix) :]) or naming.from_dotted(
+                UNET, name[len(prefix) :]
+            )
     return None
 
 
@@ -269,7 +285,9 @@ class LoraModule:
         return int(self.down.shape[0])
 
 
-def shape_factors(up: torch.Tensor, down: torch.Tensor, weight_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def shape_factors(
+    up: torch.Tensor, down: torch.Tensor, weight_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Matrix factors [out, r] / [r, in*k*k] in the shapes a conv or linear LoRA stores."""
     r = down.shape[0]
     if len(weight_shape) == 4:
@@ -292,7 +310,9 @@ def kohya_state_dict(modules: list[LoraModule], naming: Naming, dtype: torch.dty
     return sd
 
 
-def peft_state_dict(modules: list[LoraModule], naming: Naming, dtype: torch.dtype) -> tuple[StateDict, dict[str, str]]:
+def peft_state_dict(
+    modules: list[LoraModule], naming: Naming, dtype: torch.dtype
+) -> tuple[StateDict, dict[str, str]]:
     """PEFT layout plus the `lora_adapter_metadata` LoraConfig per component (ranks and alphas per module).
 
     Patterns and target modules name the path without `text_model.`, a suffix of
@@ -313,7 +333,9 @@ def peft_state_dict(modules: list[LoraModule], naming: Naming, dtype: torch.dtyp
         config[f"{component}.lora_alpha"] = alpha
         config[f"{component}.target_modules"] = sorted(pattern_name.values())
         config[f"{component}.rank_pattern"] = {pattern_name[m.target]: m.rank for m in mods if m.rank != r}
-        config[f"{component}.alpha_pattern"] = {pattern_name[m.target]: m.alpha for m in mods if m.alpha != alpha}
+        config[f"{component}.alpha_pattern"] = {
+            pattern_name[m.target]: m.alpha for m in mods if m.alpha != alpha
+        }
         config[f"{component}.init_lora_weights"] = True
         for m in mods:
             name = naming.peft(m.target)

@@ -76,7 +76,9 @@ def _trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
 
 
 @merge_method("ties", (2, 16))
-def ties(tensors: Sequence[torch.Tensor], *, alpha: float = 1.0, density: float = 0.2, **_: object) -> torch.Tensor:
+def ties(
+    tensors: Sequence[torch.Tensor], *, alpha: float = 1.0, density: float = 0.2, **_: object
+) -> torch.Tensor:
     """TIES: base + alpha * disjoint mean of trimmed task vectors that agree with the elected sign."""
     base, deltas = _task_vectors(tensors)
     deltas = _trim(deltas, density)
@@ -106,7 +108,9 @@ def dare(
     return base + alpha * (deltas * keep).sum(0) / density
 
 
-def lora_delta(up: torch.Tensor, down: torch.Tensor, scale: float, mid: torch.Tensor | None = None) -> torch.Tensor:
+def lora_delta(
+    up: torch.Tensor, down: torch.Tensor, scale: float, mid: torch.Tensor | None = None
+) -> torch.Tensor:
     """up @ down * scale as a flat [out, in*kh*kw] matrix, for linears, 1x1 and kxk convs.
 
     A conv LoRA is two convolutions: down [r, in, kh, kw] then up [out, r, 1, 1];

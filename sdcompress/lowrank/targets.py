@@ -40,7 +40,9 @@ _CONV_RX = re.compile(
     rf"^(?:{_BLOCK}\.resnets\.\d+\.(?:conv1|conv2|conv_shortcut|time_emb_proj)"
     r"|(?:down_blocks|up_blocks)\.\d+\.(?:downsamplers|upsamplers)\.0\.conv)\.weight$"
 )
-_TE_RX = re.compile(r"^(?:text_model\.)?encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight$")
+_TE_RX = re.compile(
+    r"^(?:text_model\.)?encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight$"
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -83,7 +85,9 @@ def is_conv_kernel(shape: tuple[int, ...]) -> bool:
 
 def canonical_te_path(path: str) -> str:
     """transformers 5 saves CLIPTextModel without `text_model.`; LoRA names always carry it."""
-    return path if path.startswith("text_model.") or path.startswith("text_projection") else "text_model." + path
+    return (
+        path if path.startswith("text_model.") or path.startswith("text_projection") else "text_model." + path
+    )
 
 
 def kohya_prefix(component: str, sdxl: bool) -> str:
@@ -124,10 +128,9 @@ class Naming:
 
     def _index(self, t: Target) -> None:
         names = {self.dotted(t)}
-        if t.component == UNET:
-            if t.path in self._sgm:
-                names.add(self._sgm[t.path])
-                self._by_path[("sgm", self._sgm[t.path])] = t
+        if t.component == UNET and t.path in self._sgm:
+            names.add(self._sgm[t.path])
+            self._by_path[("sgm", self._sgm[t.path])] = t
         self._by_path[(t.component, self.dotted(t))] = t
         for prefix in {kohya_prefix(t.component, self.sdxl), *(["lora_te"] if t.component == TE else [])}:
             for name in names:
