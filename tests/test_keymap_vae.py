@@ -11,6 +11,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from sdcompress.checkpoint.keymap.vae import (
     infer_vae_config,
+    normalize_vae_keys,
     vae_from_diffusers,
     vae_key_from_diffusers,
     vae_key_to_diffusers,
@@ -134,6 +135,12 @@ def test_legacy_diffusers_attention_names() -> None:
     single = vae_from_diffusers(legacy)
     assert set(single) == {"decoder.mid.attn_1.q.weight", "decoder.mid.attn_1.proj_out.weight"}
     assert single["decoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
+    modern = normalize_vae_keys(legacy | {"decoder.conv_in.weight": w})
+    assert list(modern) == [
+        "decoder.mid_block.attentions.0.to_q.weight",
+        "decoder.mid_block.attentions.0.to_out.0.weight",
+        "decoder.conv_in.weight",
+    ]
 
 
 @pytest.mark.parametrize(

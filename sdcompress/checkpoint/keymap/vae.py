@@ -159,6 +159,24 @@ def vae_from_diffusers(sd: StateDict) -> StateDict:
     return out
 
 
+_LEGACY = re.compile(
+    r"(?P<head>(?:encoder|decoder)\.mid_block\.attentions\.0\.)(?P<leaf>query|key|value|proj_attn)\."
+)
+_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def normalize_vae_keys(sd: StateDict) -> StateDict:
+    """Rename diffusers' pre-0.14 attention names (`query`, `key`, `value`, `proj_attn`) to today's.
+
+    Old VAE folders (e.g. early SD 1.x snapshots) still hold them; diffusers renames them when it
+    loads, a plain `load_state_dict` does not. Shapes are the same ([C, C]) in both spellings.
+    """
+    return {
+        _LEGACY.sub(lambda m: f"{m['head']}{_LEGACY_NAMES[m['leaf']]}.", key, count=1): tensor
+        for key, tensor in sd.items()
+    }
+
+
 def _count(keys: list[str], pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
 
