@@ -1,0 +1,75 @@
+"""LoRA layout conversion (kohya <-> PEFT), called by `convert` for LoRA files.
+
+Module names are resolved against a model's key set: the given base model, or
+the full-size SD 1 / SDXL skeleton the file's names and metadata point to.
+Values are copied unchanged (alpha kept), so the converted file applies the
+same update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.resolve import load_model
+from sdcompress.errors import SdcError
+from sdcompress.lowrank.layouts import FORMATS, KOHYA, LoraModule, read_lora, resolve, write_lora
+from sdcompress.services.merge import naming_for, skeleton_naming
+
+
+@dataclass
+class LoraConvertResult:
+    output: str
+    source_layout: str
+    format: str
+    modules: int
+
+
+def is_lora_file(path: str | Path) -> bool:
+    """True when `path` is a safetensors file holding LoRA tensors (for `convert` to route it here)."""
+    from sdcompress.checkpoint.safetensors_io import SafetensorsFile
+
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return False
+    try:
+        keys = SafetensorsFile(p).keys()
+    except SdcError:
+        return False
+    return bool(keys) and all(
+        k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight"))
+        for k in keys
+    )
+
+
+def convert_lora(
+    src: str | Path,
+    dst: str | Path,
+    to: str = KOHYA,
+    *,
+    base: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> LoraConvertResult:
+    """Rewrite the LoRA `src` in layout `to` ("kohya" or "peft") at `dst`."""
+    if to not in FORMATS:
+        raise SdcError(f"unknown LoRA format {to!r}; choose kohya or peft.")
+    check_output(dst, overwrite=overwrite)
+    lora = read_lora(src)
+    naming = naming_for(load_model(base)) if base else skeleton_naming(bool(lora.looks_sdxl()))
+    modules = []
+    for target, a in resolve(lora, naming).items():
+        if a.kind != "lora" or "mid" in a.tensors:
+            raise SdcError(
+                f"{src} holds LyCORIS {a.kind} modules (e.g. {a.name}); only plain LoRAs convert to {to}."
+            )
+        up, down = a.tensors["up"].load(), a.tensors["down"].load()
+        alpha = a.alpha if a.alpha is not None else float(down.shape[0])
+        modules.append(LoraModule(target, up, down, alpha))
+    out_dtype = dtype or modules[0].down.dtype
+    keep = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec."))}
+    write_lora(dst, modules, naming, fmt=to, dtype=out_dtype, metadata=keep, overwrite=overwrite)
+    return LoraConvertResult(str(dst), lora.layout, to, len(modules))

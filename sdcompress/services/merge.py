@@ -1,0 +1,329 @@
+"""`merge`: bake LoRAs into checkpoints, combine LoRAs, and merge checkpoints, tensor by tensor.
+
+Every output tensor is a `LazyTensor` whose loader computes the merged value
+from the inputs' memory-mapped tensors, and the project's writers stream them
+to disk one at a time, so memory stays near one tensor per input whatever the
+model size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdcompress.arch.families import get_family
+from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.model import Model
+from sdcompress.checkpoint.resolve import load_model
+from sdcompress.checkpoint.tensors import LazyTensor, StateDict
+from sdcompress.checkpoint.writers import save_diffusers, save_single_file
+from sdcompress.errors import SdcError
+from sdcompress.lowrank.extract import check_same_architecture
+from sdcompress.lowrank.layouts import (
+    KOHYA,
+    Adapter,
+    LoraFile,
+    LoraModule,
+    read_lora,
+    resolve,
+    shape_factors,
+    write_lora,
+)
+from sdcompress.lowrank.merge_math import get_method, lora_delta
+from sdcompress.lowrank.svd import low_rank
+from sdcompress.lowrank.targets import Naming, Target
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    path: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraRef:
+        """'file.safetensors[:WEIGHT]'; a colon not followed by a number stays part of the path."""
+        head, sep, tail = text.rpartition(":")
+        if sep and head:
+            try:
+                return cls(head, float(tail))
+            except ValueError:
+                pass
+        return cls(text, 1.0)
+
+
+@dataclass
+class MergeRequest:
+    models: list[str]
+    output: str
+    loras: list[LoraRef] = field(default_factory=list)
+    method: str | None = None  # default: weighted-sum for two models, add-difference for three
+    alpha: float | None = None
+    density: float | None = None
+    seed: int = 0
+    rank: int | None = None  # LoRA + LoRA: re-rank to this by SVD of the summed delta
+    format: str = KOHYA  # LoRA outputs
+    dtype: torch.dtype | None = None
+    overwrite: bool = False
+    allow_pickle: bool = False
+    device: str = "cpu"
+
+
+@dataclass
+class MergeResult:
+    output: str
+    kind: str  # "bake" | "checkpoint" | "lora"
+    tensors: int
+    adapted_modules: int
+    notes: list[str] = field(default_factory=list)
+
+
+# ----- LoRA into a checkpoint ---------------------------------------------------------------------
+
+
+def naming_for(model: Model) -> Naming:
+    return Naming({c: list(sd) for c, sd in model.components.items()}, sdxl=model.family.is_sdxl)
+
+
+def _check_family(lora: LoraFile, model: Model) -> None:
+    says = lora.looks_sdxl()
+    if says is not None and says != model.family.is_sdxl:
+        what = "SDXL" if says else "SD 1/2"
+        raise SdcError(
+            f"{lora.path} is a LoRA for {what} but {model.ref} is {model.family.title}; "
+            "use a LoRA made for this model family."
+        )
+
+
+def _expected_shape(a: Adapter) -> tuple[int, int] | None:
+    """(out, in*kh*kw) a plain LoRA adapter produces; None for kinds whose shape follows the target."""
+    t = a.tensors
+    if a.kind != "lora":
+        return None
+    out = t["up"].shape[0]
+    inner = math.prod(t["down"].shape[1:])
+    if "mid" in t:
+        inner = t["down"].shape[1] * math.prod(t["mid"].shape[2:])
+    return out, inner
+
+
+def bake_loras(model: Model, loras: list[tuple[LoraFile, float]]) -> tuple[Model, int]:
+    """The model with each LoRA's delta (times its weight) added; lazy, nothing is computed yet."""
+    naming = naming_for(model)
+    updates: dict[tuple[str, str], list[Callable[[tuple[int, ...]], torch.Tensor]]] = {}
+    for lora, weight in loras:
+        _check_family(lora, model)
+        for target, adapter in resolve(lora, naming).items():
+            w = model.components[target.component][target.weight_key]
+            want = _expected_shape(adapter)
+            if want is not None and want != (w.shape[0], math.prod(w.shape[1:])):
+                raise SdcError(
+                    f"{lora.path} does not fit {model.ref}: {adapter.name} makes a {want[0]}x{want[1]} "
+                    f"update for a {list(w.shape)} weight; use a LoRA made for this model family."
+                )
+            updates.setdefault((target.component, target.weight_key), []).append(
+                lambda shape, a=adapter, s=weight: a.delta(shape) * s
+            )
+            bias = adapter.tensors.get("diff_b")
+            bias_key = target.path + ".bias"
+            if bias is not None and bias_key in model.components[target.component]:
+                updates.setdefault((target.component, bias_key), []).append(
+                    lambda shape, a=adapter, s=weight: a.bias_delta().reshape(shape) * s
+                )
+    components = {c: dict(sd) for c, sd in model.components.items()}
+    for (component, key), deltas in updates.items():
+        components[component][key] = _plus(components[component][key], deltas)
+    return dataclasses.replace(model, components=components), len(updates)
+
+
+def _plus(w: LazyTensor, deltas: list[Callable[[tuple[int, ...]], torch.Tensor]]) -> LazyTensor:
+    def load() -> torch.Tensor:
+        out = w.load().float()
+        for d in deltas:
+            out += d(w.shape)
+        return out.to(w.dtype)
+
+    return LazyTensor(w.shape, w.dtype, load)
+
+
+# ----- checkpoint merges --------------------------------------------------------------------------
+
+
+def merge_models(
+    models: list[Model], method: str, *, alpha: float | None, density: float | None, seed: int
+) -> Model:
+    """Tensor-by-tensor merge of same-architecture models; the first model's configs and dtypes."""
+    m = get_method(method)
+    lo, hi = m.n_models
+    if not lo <= len(models) <= hi:
+        raise SdcError(
+            f"--method {method} merges {lo if lo == hi else f'{lo} to {hi}'} models, got {len(models)}."
+        )
+    first = models[0]
+    for other in models[1:]:
+        if other.family.topology != first.family.topology:
+            raise SdcError(
+                f"{first.ref} is {first.family.title} and {other.ref} is {other.family.title}; "
+                "merge models of the same family."
+            )
+        check_same_architecture(first.components, other.components, list(first.components))
+    kwargs: dict[str, float] = {}
+    if alpha is not None:
+        kwargs["alpha"] = alpha
+    if density is not None:
+        kwargs["density"] = density
+    components: dict[str, StateDict] = {}
+    index = 0
+    for c, sd in first.components.items():
+        out: StateDict = {}
+        for key, lt in sd.items():
+            parts = [mm.components[c][key] for mm in models]
+            if not lt.dtype.is_floating_point:
+                out[key] = lt
+                continue
+            out[key] = _merged(parts, m.fn, {**kwargs, "seed": seed, "key_index": index})
+            index += 1
+        components[c] = out
+    return dataclasses.replace(first, components=components)
+
+
+def _merged(parts: list[LazyTensor], fn: Callable[..., torch.Tensor], kwargs: dict) -> LazyTensor:
+    first = parts[0]
+
+    def load() -> torch.Tensor:
+        return fn([p.load().float() for p in parts], **kwargs).to(first.dtype)
+
+    return LazyTensor(first.shape, first.dtype, load)
+
+
+def write_model(
+    model: Model, output: str, *, dtype: torch.dtype | None, overwrite: bool, progress: Progress | None = None
+) -> list[str]:
+    """`.safetensors` -> one single file; anything else -> a diffusers folder."""
+    total = sum(len(sd) for sd in model.components.values())
+    done = [0]
+
+    def on_tensor(name: str, _: LazyTensor) -> None:
+        done[0] += 1
+        if progress:
+            progress(name, min(done[0], total), total)
+
+    if Path(output).suffix == ".safetensors":
+        return save_single_file(model, output, dtype=dtype, overwrite=overwrite, on_tensor=on_tensor)
+    return save_diffusers(model, output, dtype=dtype, overwrite=overwrite, on_tensor=on_tensor)
+
+
+# ----- LoRA + LoRA --------------------------------------------------------------------------------
+
+
+def skeleton_naming(sdxl: bool) -> Naming:
+    """Module names of a full-size SD 1 or SDXL pipeline (meta device), for LoRAs merged without a model."""
+    from sdcompress.checkpoint.instantiate import module_from_config
+
+    fam = get_family("sdxl" if sdxl else "sd1")
+    keys = {"unet": list(module_from_config("unet", fam.unet).state_dict())}
+    for spec in fam.text_encoders:
+        keys[spec.component] = list(module_from_config(spec.component, spec.config).state_dict())
+    return Naming(keys, sdxl=sdxl)
+
+
+def _factors(a: Adapter, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat [out, r] / [r, in*k*k] factors with scale and weight folded into up."""
+    if a.kind != "lora" or "mid" in a.tensors:
+        raise SdcError(
+            f"module {a.name} is a LyCORIS {a.kind if a.kind != 'lora' else 'LoCon (Tucker)'} update; "
+            "merging it with other LoRAs needs a base model: bake it into a checkpoint instead."
+        )
+    up = a.tensors["up"].load().float()
+    down = a.tensors["down"].load().float()
+    r = down.shape[0]
+    scale = (a.alpha / r if a.alpha is not None and r else 1.0) * weight
+    return up.reshape(up.shape[0], r) * scale, down.reshape(r, -1)
+
+
+def merge_lora_files(
+    loras: list[tuple[LoraFile, float]], rank: int | None
+) -> tuple[list[LoraModule], Naming]:
+    """Sum LoRAs exactly by concatenating ranks, or re-rank each module's summed delta by SVD."""
+    flags = {lf.looks_sdxl() for lf, _ in loras} - {None}
+    if len(flags) > 1:
+        raise SdcError(
+            "the LoRAs are for different model families (SD 1/2 and SDXL); merge LoRAs of one family."
+        )
+    naming = skeleton_naming(bool(flags and flags.pop()))
+    per_target: dict[Target, list[tuple[Adapter, float]]] = {}
+    for lora, weight in loras:
+        for target, adapter in resolve(lora, naming).items():
+            per_target.setdefault(target, []).append((adapter, weight))
+    modules = []
+    for target, items in sorted(per_target.items()):
+        factors = [_factors(a, w) for a, w in items]
+        down_shape = items[0][0].tensors["down"].shape
+        weight_shape = (factors[0][0].shape[0], *down_shape[1:])
+        if any(
+            f[1].shape[1] != factors[0][1].shape[1] or f[0].shape[0] != factors[0][0].shape[0]
+            for f in factors
+        ):
+            raise SdcError(
+                f"LoRAs disagree on the shape of {target.component}.{target.path}; merge LoRAs of one model."
+            )
+        up = torch.cat([f[0] for f in factors], dim=1)
+        down = torch.cat([f[1] for f in factors], dim=0)
+        if rank is not None:
+            lr = low_rank(lora_delta(up, down, 1.0), rank)
+            up, down = lr.up, lr.down
+        up, down = shape_factors(up, down, weight_shape)
+        modules.append(LoraModule(target, up.contiguous(), down.contiguous(), float(down.shape[0])))
+    return modules, naming
+
+
+# ----- the job -----------------------------------------------------------------------------------
+
+
+def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeResult:
+    check_output(request.output, overwrite=request.overwrite)
+    loras = [(read_lora(ref.path), ref.weight) for ref in request.loras]
+    if not request.models:
+        if not loras:
+            raise SdcError("nothing to merge; give models and/or --lora files.")
+        if Path(request.output).suffix != ".safetensors":
+            raise SdcError(
+                f"{request.output} must end in .safetensors; a merged LoRA is one safetensors file."
+            )
+        if request.rank is not None and request.rank < 1:
+            raise SdcError(f"--rank must be at least 1, got {request.rank}.")
+        modules, naming = merge_lora_files(loras, request.rank)
+        dtype = request.dtype or torch.float16
+        meta = {
+            "ss_network_module": "networks.lora",
+            "sdcompress.merged_from": ", ".join(r.path for r in request.loras),
+        }
+        write_lora(request.output, modules, naming, fmt=request.format, dtype=dtype, metadata=meta,
+                   overwrite=request.overwrite)  # fmt: skip
+        return MergeResult(request.output, "lora", 3 * len(modules), len(modules))
+    models = [load_model(m, allow_pickle=request.allow_pickle) for m in request.models]
+    notes: list[str] = []
+    if len(models) > 1:
+        method = request.method or ("add-difference" if len(models) == 3 else "weighted-sum")
+        merged = merge_models(models, method, alpha=request.alpha, density=request.density, seed=request.seed)
+        kind = "checkpoint"
+        notes.append(f"{method} of {len(models)} models")
+    else:
+        if not loras:
+            raise SdcError("one model and no --lora: nothing to merge; add --lora FILE or a second model.")
+        merged, kind = models[0], "bake"
+    adapted = 0
+    if loras:
+        merged, adapted = bake_loras(merged, loras)
+        notes.append(f"baked {len(loras)} LoRA(s) into {adapted} tensors")
+    total = sum(len(sd) for sd in merged.components.values())
+    notes += write_model(
+        merged, request.output, dtype=request.dtype, overwrite=request.overwrite, progress=progress
+    )
+    return MergeResult(request.output, kind, total, adapted, notes)
