@@ -66,7 +66,13 @@ def _vae(block_out: list[int], *, layers: int = 2, sample_size: int, scaling: fl
 
 
 def _clip(
-    hidden: int, layers: int, *, inter: int, act: str, projection: int | None = None, with_projection: bool = False
+    hidden: int,
+    layers: int,
+    *,
+    inter: int,
+    act: str,
+    projection: int | None = None,
+    with_projection: bool = False,
 ) -> Config:
     return {
         "architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
@@ -86,7 +92,12 @@ def _clip(
     }
 
 
-_SCALED_LINEAR = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+_SCALED_LINEAR = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+}
 
 
 def _scheduler(name: str, prediction_type: str = "epsilon") -> Config:
@@ -156,7 +167,9 @@ def _sd1_text(cfg: Config) -> tuple[TextEncoderSpec, ...]:
 
 def _sdxl_text(clip_l: Config, big_g: Config) -> tuple[TextEncoderSpec, ...]:
     return (
-        TextEncoderSpec("text_encoder", "conditioner.embedders.0.transformer.", False, clip_l, "<|endoftext|>"),
+        TextEncoderSpec(
+            "text_encoder", "conditioner.embedders.0.transformer.", False, clip_l, "<|endoftext|>"
+        ),
         TextEncoderSpec("text_encoder_2", "conditioner.embedders.1.model.", True, big_g, "!"),
     )
 
@@ -193,13 +206,20 @@ _register(
         pipeline_extra={"requires_safety_checker": False},
     )
 )
-_SD2_TEXT = (TextEncoderSpec("text_encoder", "cond_stage_model.model.", True, _VIT_H, "!", num_layers_in_file=24),)
+_SD2_TEXT = (
+    TextEncoderSpec("text_encoder", "cond_stage_model.model.", True, _VIT_H, "!", num_layers_in_file=24),
+)
 _register(
     Family(
         name="sd2",
         title="Stable Diffusion 2.x (512, epsilon)",
-        unet=_unet(block_out_channels=[320, 640, 1280, 1280], down_block_types=_SD_DOWN, up_block_types=_SD_UP,
-                   sample_size=64, **_SD2_UNET),
+        unet=_unet(
+            block_out_channels=[320, 640, 1280, 1280],
+            down_block_types=_SD_DOWN,
+            up_block_types=_SD_UP,
+            sample_size=64,
+            **_SD2_UNET,
+        ),
         vae=_SD_VAE_512,
         text_encoders=_SD2_TEXT,
         scheduler=_scheduler("DDIMScheduler"),
@@ -215,8 +235,13 @@ _register(
     Family(
         name="sd2-v",
         title="Stable Diffusion 2.x (768, v-prediction)",
-        unet=_unet(block_out_channels=[320, 640, 1280, 1280], down_block_types=_SD_DOWN, up_block_types=_SD_UP,
-                   sample_size=96, **{**_SD2_UNET, "upcast_attention": True}),
+        unet=_unet(
+            block_out_channels=[320, 640, 1280, 1280],
+            down_block_types=_SD_DOWN,
+            up_block_types=_SD_UP,
+            sample_size=96,
+            **{**_SD2_UNET, "upcast_attention": True},
+        ),
         vae={**_SD_VAE_512, "sample_size": 768},
         text_encoders=_SD2_TEXT,
         scheduler=_scheduler("DDIMScheduler", "v_prediction"),
@@ -273,7 +298,9 @@ _register(
             sample_size=128,
         ),
         vae=_SDXL_VAE,
-        text_encoders=(TextEncoderSpec("text_encoder_2", "conditioner.embedders.0.model.", True, _BIGG, "!"),),
+        text_encoders=(
+            TextEncoderSpec("text_encoder_2", "conditioner.embedders.0.model.", True, _BIGG, "!"),
+        ),
         scheduler=_scheduler("EulerDiscreteScheduler"),
         pipeline_class="StableDiffusionXLImg2ImgPipeline",
         resolution=1024,
@@ -343,7 +370,13 @@ _register(
     )
 )
 
-ALIASES: dict[str, str] = {"sd15": "sd1", "sd1.5": "sd1", "sd21": "sd2-v", "sd2.1": "sd2-v", "sd2-base": "sd2"}
+ALIASES: dict[str, str] = {
+    "sd15": "sd1",
+    "sd1.5": "sd1",
+    "sd21": "sd2-v",
+    "sd2.1": "sd2-v",
+    "sd2-base": "sd2",
+}
 
 
 def get_family(name: str) -> Family:

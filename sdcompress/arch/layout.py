@@ -120,7 +120,9 @@ def config_from_layout(base: Config, layout: UNetLayout, *, channels: list[int] 
     for levels in (layout.down, layout.up):
         for level in levels:
             if any(level) and not all(level):
-                raise SdcError("a level with attention needs at least one transformer block after every resnet.")
+                raise SdcError(
+                    "a level with attention needs at least one transformer block after every resnet."
+                )
     old_channels = list(base["block_out_channels"])
     cfg["block_out_channels"] = list(channels) if channels is not None else old_channels[:n]
     for key in ("attention_head_dim", "num_attention_heads", "cross_attention_dim"):
@@ -130,7 +132,9 @@ def config_from_layout(base: Config, layout: UNetLayout, *, channels: list[int] 
     cfg["down_block_types"] = ["CrossAttnDownBlock2D" if any(lv) else "DownBlock2D" for lv in layout.down]
     cfg["up_block_types"] = ["CrossAttnUpBlock2D" if any(lv) else "UpBlock2D" for lv in layout.up]
     cfg["layers_per_block"] = down_res[0] if len(set(down_res)) == 1 else down_res
-    cfg["mid_block_type"] = None if layout.mid is None else (MID_RESNET if layout.mid == 0 else MID_CROSS_ATTN)
+    cfg["mid_block_type"] = (
+        None if layout.mid is None else (MID_RESNET if layout.mid == 0 else MID_CROSS_ATTN)
+    )
     cfg.pop("reverse_transformer_layers_per_block", None)
 
     down_u, up_u = _uniform(layout.down), _uniform(layout.up)

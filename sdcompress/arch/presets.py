@@ -132,7 +132,10 @@ def match_preset(unet_config: Config, family: Family) -> str | None:
         if family.topology not in p.topologies:
             continue
         cfg = p.student_config(family.unet)
-        if layout_from_config(cfg) == layout and cfg["block_out_channels"] == unet_config["block_out_channels"]:
+        if (
+            layout_from_config(cfg) == layout
+            and cfg["block_out_channels"] == unet_config["block_out_channels"]
+        ):
             return p.name
     return None
 

@@ -28,7 +28,9 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> Pa
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise SdcError(f"cannot write to {parent}: the directory is not writable; choose another output path.")
+        raise SdcError(
+            f"cannot write to {parent}: the directory is not writable; choose another output path."
+        )
     return p
 
 

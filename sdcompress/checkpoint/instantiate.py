@@ -64,7 +64,9 @@ def load_weights(
         if leaf in dict(sub.named_buffers(recurse=False)):
             buf = getattr(sub, leaf)
             if leaf == "position_ids":
-                sub.register_buffer(leaf, torch.arange(buf.shape[-1], device=device).expand(buf.shape), persistent=False)
+                sub.register_buffer(
+                    leaf, torch.arange(buf.shape[-1], device=device).expand(buf.shape), persistent=False
+                )
             else:
                 raise KeyError(f"buffer {name} is missing from the weights")
         else:
@@ -86,7 +88,9 @@ def tokenizer_dir(model: Model, name: str) -> Path:
     """The model's tokenizer folder, or the built-in CLIP vocabulary written to a temporary folder."""
     if name in model.tokenizer_dirs:
         return model.tokenizer_dirs[name]
-    spec = next(s for s in model.family.text_encoders if (s.component == "text_encoder") == (name == "tokenizer"))
+    spec = next(
+        s for s in model.family.text_encoders if (s.component == "text_encoder") == (name == "tokenizer")
+    )
     path = Path(tempfile.mkdtemp(prefix="sdcompress-tok-")) / name
     write_clip_tokenizer(path, pad_token=spec.pad_token)
     model.tokenizer_dirs[name] = path

@@ -81,14 +81,20 @@ def load_model(
         model = _load_path(path, allow_pickle=allow_pickle, ema=ema, prediction_type=prediction_type)
     elif text.lower() in HUB_ALIASES or re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):
         repo = HUB_ALIASES.get(text.lower(), text)
-        model = _load_path(_download(repo), allow_pickle=allow_pickle, ema=ema, prediction_type=prediction_type)
+        model = _load_path(
+            _download(repo), allow_pickle=allow_pickle, ema=ema, prediction_type=prediction_type
+        )
     else:
-        raise SdcError(f"{text} does not exist; give a diffusers folder, a .safetensors file, a hub id or tiny-sd.")
+        raise SdcError(
+            f"{text} does not exist; give a diffusers folder, a .safetensors file, a hub id or tiny-sd."
+        )
     model.ref = text
     if tokenizer is not None:
         tok = Path(tokenizer)
         if not tok.is_dir():
-            raise SdcError(f"--tokenizer {tok} is not a folder; give a diffusers pipeline or tokenizer folder.")
+            raise SdcError(
+                f"--tokenizer {tok} is not a folder; give a diffusers pipeline or tokenizer folder."
+            )
         for name in ("tokenizer", "tokenizer_2"):
             sub = tok / name
             if sub.is_dir():
@@ -137,7 +143,9 @@ def _load_pickle(path: Path, allow_pickle: bool) -> StateDict:
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's problem
-        raise SdcError(f"{path} could not be read as a weights-only torch checkpoint ({type(e).__name__}).") from None
+        raise SdcError(
+            f"{path} could not be read as a weights-only torch checkpoint ({type(e).__name__})."
+        ) from None
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -319,9 +327,13 @@ def _load_folder(path: Path, *, prediction_type: str | None) -> Model:
             "UNet2DConditionModel"
         ):
             return _finish_folder(path, {"unet": path}, None, prediction_type, fmt="unet-only")
-        raise SdcError(f"{path} is not a diffusers folder (no model_index.json); give a pipeline folder or a file.")
+        raise SdcError(
+            f"{path} is not a diffusers folder (no model_index.json); give a pipeline folder or a file."
+        )
     listed = _read_json(index)
-    parts = {c: path / c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if listed.get(c, [None])[0]}
+    parts = {
+        c: path / c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if listed.get(c, [None])[0]
+    }
     if "unet" not in parts:
         raise SdcError(f"{path} has no U-Net; sdcompress works on Stable Diffusion pipelines.")
     return _finish_folder(path, parts, listed, prediction_type, fmt="diffusers")
@@ -353,7 +365,9 @@ def _finish_folder(
     if prediction_type is not None:
         configs["scheduler"]["prediction_type"] = prediction_type
     extras = SafetensorsFile(path / EXTRAS_FILE).state_dict() if (path / EXTRAS_FILE).is_file() else {}
-    tokenizer_dirs = {t: path / t for t in ("tokenizer", "tokenizer_2") if (path / t / "vocab.json").is_file()}
+    tokenizer_dirs = {
+        t: path / t for t in ("tokenizer", "tokenizer_2") if (path / t / "vocab.json").is_file()
+    }
     return Model(
         ref=str(path),
         path=path,

@@ -66,7 +66,9 @@ class SafetensorsFile:
             try:
                 header = json.loads(f.read(hlen))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                raise SdcError(f"{self.path} is not a valid safetensors file (its header is not JSON).") from None
+                raise SdcError(
+                    f"{self.path} is not a valid safetensors file (its header is not JSON)."
+                ) from None
         if not isinstance(header, dict):
             raise SdcError(f"{self.path} is not a valid safetensors file (its header is not a table).")
         self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
@@ -79,7 +81,9 @@ class SafetensorsFile:
             except (KeyError, TypeError, ValueError):
                 raise SdcError(f"{self.path} has a malformed header entry for {name!r}.") from None
             if dtype_name not in DTYPES:
-                raise SdcError(f"{self.path} holds {name!r} in dtype {dtype_name}, which sdcompress cannot read.")
+                raise SdcError(
+                    f"{self.path} holds {name!r} in dtype {dtype_name}, which sdcompress cannot read."
+                )
             if self.data_start + end > size:
                 raise SdcError(
                     f"{self.path} is truncated: tensor {name!r} ends past the end of the file; "
@@ -111,7 +115,9 @@ class SafetensorsFile:
         return {name: self.lazy(name) for name in self.entries}
 
 
-def read_tensor(path: str, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def read_tensor(
+    path: str, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     buf = bytearray(nbytes)
@@ -138,7 +144,11 @@ def _header_bytes(sd: Mapping[str, LazyTensor], metadata: Mapping[str, str] | No
     for name, t in sd.items():
         if t.dtype not in DTYPE_NAMES:
             raise SdcError(f"cannot write {name!r}: dtype {t.dtype} has no safetensors name.")
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % _ALIGN)
@@ -158,7 +168,9 @@ def _copy_range(src: RawRange, dst_fd: int) -> None:
                 while left:
                     chunk = f.read(min(left, 64 << 20))
                     if not chunk:
-                        raise SdcError(f"{src.path} ended early while copying a tensor; the file is truncated.")
+                        raise SdcError(
+                            f"{src.path} ended early while copying a tensor; the file is truncated."
+                        )
                     os.write(dst_fd, chunk)
                     left -= len(chunk)
                     off += len(chunk)

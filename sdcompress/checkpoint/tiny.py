@@ -35,7 +35,9 @@ def tiny_model(name: str) -> Model:
     family = get_family(name)
     gen = torch.Generator().manual_seed(SEED)
     components, configs = {}, {"scheduler": dict(family.scheduler)}
-    parts = [("unet", family.unet), ("vae", family.vae)] + [(t.component, t.config) for t in family.text_encoders]
+    parts = [("unet", family.unet), ("vae", family.vae)] + [
+        (t.component, t.config) for t in family.text_encoders
+    ]
     for component, config in parts:
         module = module_from_config(component, config).to_empty(device="cpu")
         tensors = {}
@@ -44,9 +46,11 @@ def tiny_model(name: str) -> Model:
                 continue
             if not t.dtype.is_floating_point:
                 tensors[key] = torch.zeros_like(t)
-            elif key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight")) or (
-                "layer_norm" in key or "norm_out" in key or "group_norm" in key
-            ) and key.endswith("weight"):
+            elif (
+                key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight"))
+                or ("layer_norm" in key or "norm_out" in key or "group_norm" in key)
+                and key.endswith("weight")
+            ):
                 tensors[key] = torch.ones_like(t)
             elif key.endswith("bias"):
                 tensors[key] = torch.zeros_like(t)
@@ -56,7 +60,9 @@ def tiny_model(name: str) -> Model:
         sd = lazy_state_dict(tensors)
         components[component] = text_map.clip_to_diffusers(sd) if component.startswith("text") else sd
         configs[component] = dict(config)
-    return Model(ref=name, path=None, format="diffusers", family=family, components=components, configs=configs)
+    return Model(
+        ref=name, path=None, format="diffusers", family=family, components=components, configs=configs
+    )
 
 
 def tiny_model_path(name: str) -> Path:
@@ -72,5 +78,3 @@ def tiny_model_path(name: str) -> Path:
             if not (path / "model_index.json").is_file():  # another process may have won the race
                 raise
     return path
-
-

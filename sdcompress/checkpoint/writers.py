@@ -32,7 +32,6 @@ Progress = Callable[[str, LazyTensor], None]
 
 _DIFFUSERS_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 _WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def cast(sd: StateDict, dtype: torch.dtype | None) -> StateDict:
@@ -91,7 +90,9 @@ def _model_index(model: Model) -> Config:
         index.setdefault(name, [None, None])
     index["scheduler"] = ["diffusers", model.configs["scheduler"]["_class_name"]]
     if fam.is_sdxl:
-        index.update(image_encoder=[None, None], feature_extractor=[None, None], force_zeros_for_empty_prompt=True)
+        index.update(
+            image_encoder=[None, None], feature_extractor=[None, None], force_zeros_for_empty_prompt=True
+        )
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None])
     index.update(fam.pipeline_extra)
@@ -130,7 +131,9 @@ def save_diffusers(
         if unet_only or model.unet_only:
             _write_json(tmp / "config.json", _component_config("unet", model.configs["unet"]))
             write_safetensors(
-                tmp / _WEIGHT_FILES["unet"], cast(model.components["unet"], dtype), {"format": "pt"},
+                tmp / _WEIGHT_FILES["unet"],
+                cast(model.components["unet"], dtype),
+                {"format": "pt"},
                 on_tensor=on_tensor,
             )
         else:
@@ -145,7 +148,9 @@ def save_diffusers(
             notes += _write_tokenizers(model, tmp)
             if model.extras:
                 write_safetensors(tmp / EXTRAS_FILE, model.extras, {"format": "pt"})
-                notes.append(f"kept {len(model.extras)} single-file tensors with no diffusers home in {EXTRAS_FILE}")
+                notes.append(
+                    f"kept {len(model.extras)} single-file tensors with no diffusers home in {EXTRAS_FILE}"
+                )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return notes
@@ -160,6 +165,7 @@ def single_file_state_dict(
 ) -> tuple[StateDict, list[str]]:
     """The model in original (LDM/SGM) names, as A1111, ComfyUI and Forge load it."""
     notes: list[str] = []
+    unet_only = unet_only or model.unet_only
     layout = model.unet_layout
     unet = unet_map.unet_to_single_file(cast(model.components["unet"], dtype), layout)
     prefix = "" if unet_only else unet_map.SINGLE_FILE_PREFIX

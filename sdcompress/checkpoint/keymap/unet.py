@@ -66,7 +66,10 @@ def module_table(layout: UNetLayout) -> dict[str, tuple[str, str]]:
             if depth:
                 table[f"up_blocks.{x}.attentions.{i}"] = (f"output_blocks.{idx}.1", "attention")
             if i == len(level) - 1 and x < layout.levels - 1:
-                table[f"up_blocks.{x}.upsamplers.0.conv"] = (f"output_blocks.{idx}.{2 if depth else 1}.conv", "plain")
+                table[f"up_blocks.{x}.upsamplers.0.conv"] = (
+                    f"output_blocks.{idx}.{2 if depth else 1}.conv",
+                    "plain",
+                )
             idx += 1
     return table
 
@@ -184,7 +187,9 @@ def layout_from_diffusers_keys(keys: Iterable[str]) -> UNetLayout:
         out = []
         for x in range(len(groups)):
             resnets = _group(groups[x], rf"{kind}_blocks\.{x}\.resnets\.(\d+)\.")
-            out.append(tuple(_depth(groups[x], f"{kind}_blocks.{x}.attentions.{i}.") for i in range(len(resnets))))
+            out.append(
+                tuple(_depth(groups[x], f"{kind}_blocks.{x}.attentions.{i}.") for i in range(len(resnets)))
+            )
         return tuple(out)
 
     middle = [k for k in keys if k.startswith("mid_block.")]

@@ -1,0 +1,94 @@
+"""`sdcompress convert SRC -o DST`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sdcompress.cli._options import AllowPickle, Device, DType, Json, Output, Overwrite, Tokenizer
+from sdcompress.cli._output import emit_json, err, human_bytes, note, success
+from sdcompress.services.convert import ConvertRequest
+from sdcompress.services.convert import convert as run_convert
+
+
+def convert(
+    src: Annotated[str, typer.Argument(help="Single file, diffusers folder, hub id or tiny model.")],
+    output: Output,
+    dtype: DType = None,
+    vae_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--vae-dtype",
+            help="VAE dtype (default: --dtype, but the SDXL VAE stays as it is rather than fp16).",
+        ),
+    ] = None,
+    ema: Annotated[
+        bool, typer.Option("--ema", help="Take the U-Net's EMA weights where the file has them.")
+    ] = False,
+    unet_only: Annotated[bool, typer.Option("--unet-only", help="Write only the U-Net.")] = False,
+    to: Annotated[
+        str | None, typer.Option("--to", help="single-file or diffusers (default: from the output path).")
+    ] = None,
+    prediction_type: Annotated[
+        str | None,
+        typer.Option("--prediction-type", help="epsilon or v_prediction, when the file does not say."),
+    ] = None,
+    tokenizer: Tokenizer = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    json_: Json = False,
+) -> None:
+    """Convert between single-file (A1111/ComfyUI) and diffusers folders, and between LoRA layouts.
+
+    A path ending in .safetensors gets a single file; anything else a diffusers folder.
+    """
+    from sdcompress.services.lora_convert import is_lora_file
+
+    if is_lora_file(src):
+        from sdcompress.services.lora_convert import convert_lora_file
+
+        result = convert_lora_file(src, output, to=to, overwrite=overwrite)
+        if json_:
+            emit_json(result)
+        else:
+            success(f"wrote {result['output']} ({result['layout']} layout, {result['modules']} modules)")
+        return
+    req = ConvertRequest(
+        src=src,
+        output=output,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        ema=ema,
+        unet_only=unet_only,
+        overwrite=overwrite,
+        tokenizer=tokenizer,
+        allow_pickle=allow_pickle,
+        device=device,
+        prediction_type=prediction_type,
+        to=to,
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed} tensors"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=json_,
+    ) as progress:
+        task = progress.add_task("converting", total=None)
+        result = run_convert(req, on_tensor=lambda name, t: progress.advance(task))
+    if json_:
+        from dataclasses import asdict
+
+        emit_json(asdict(result))
+        return
+    success(
+        f"{result.direction}: wrote {result.output} ({result.tensors} tensors, "
+        f"{human_bytes(result.bytes_written)}, {result.seconds:.1f} s)"
+    )
+    for n in result.notes:
+        note(n)

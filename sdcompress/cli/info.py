@@ -1,0 +1,60 @@
+"""`sdcompress info MODEL`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sdcompress.cli._options import AllowPickle, Json
+from sdcompress.cli._output import emit_json, human_bytes, human_count, note, out, table
+from sdcompress.services.info import info as run_info
+
+
+def info(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Folder, .safetensors file, hub id, tiny-sd/tiny-sdxl, or with --arch a family or preset name."
+        ),
+    ],
+    arch: Annotated[
+        bool,
+        typer.Option(
+            "--arch",
+            help="Treat MODEL as a family (sd1, sd2, sdxl, ...) or preset (ssd-1b, bk-tiny, ...) built on the meta device.",
+        ),
+    ] = False,
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="With --arch and a preset: the teacher family (e.g. sd2).")
+    ] = None,
+    json_: Json = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Show a model's format, family or preset, dtypes, parameter counts per component and stage, and size."""
+    result = run_info(model, arch=arch, teacher=teacher, allow_pickle=allow_pickle)
+    if json_:
+        emit_json(result.to_dict())
+        return
+    out.print(
+        f"[bold]{result.ref}[/bold]: {result.family_title}"
+        + (f", preset [cyan]{result.preset}[/cyan]" if result.preset else "")
+    )
+    out.print(
+        f"format {result.format}, prediction {result.prediction_type}, {result.transformer_blocks} transformer blocks"
+        + (f", {human_bytes(result.size_on_disk)} on disk" if result.size_on_disk is not None else "")
+    )
+    table(
+        "Components",
+        ["component", "parameters", "dtype"],
+        [(c, human_count(n), result.dtypes.get(c, "")) for c, n in result.parameters.items()],
+        right=["parameters"],
+    )
+    table(
+        "U-Net stages",
+        ["stage", "parameters"],
+        [(s, human_count(n)) for s, n in result.unet_stages.items()],
+        right=["parameters"],
+    )
+    for n in result.notes:
+        note(n)

@@ -1,0 +1,127 @@
+"""`convert`: single file <-> diffusers folder, both ways, for every family and pruned layout.
+
+The direction follows the output: a path ending in `.safetensors` gets a
+single file, anything else a diffusers folder. Conversion is a rename, so
+unchanged tensors are copied byte for byte by the kernel; only a dtype change
+loads values, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.resolve import load_model
+from sdcompress.checkpoint.tensors import LazyTensor, StateDict
+from sdcompress.checkpoint.writers import save_diffusers, save_single_file
+from sdcompress.devices import resolve_device, resolve_dtype
+from sdcompress.errors import SdcError
+
+
+@dataclass
+class ConvertRequest:
+    src: str
+    output: str
+    dtype: str | None = None
+    vae_dtype: str | None = None
+    ema: bool = False
+    unet_only: bool = False
+    overwrite: bool = False
+    tokenizer: str | None = None
+    allow_pickle: bool = False
+    device: str = "auto"
+    prediction_type: str | None = None
+    to: str | None = None  # "single-file" | "diffusers"; default from the output path
+
+
+@dataclass
+class ConvertResult:
+    src: str
+    output: str
+    direction: str
+    family: str
+    preset: str | None
+    tensors: int
+    bytes_written: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _on_device(sd: StateDict, device: torch.device) -> StateDict:
+    """Do dtype work on the GPU when asked: move, cast there, bring back."""
+    if device.type == "cpu":
+        return sd
+    out: StateDict = {}
+    for k, v in sd.items():
+        if v.raw is not None:
+            out[k] = v
+        else:
+            out[k] = LazyTensor(v.shape, v.dtype, lambda v=v: v.loader().to(device).cpu())
+    return out
+
+
+def _target(req: ConvertRequest) -> str:
+    if req.to is not None:
+        if req.to not in ("single-file", "diffusers"):
+            raise SdcError(f"--to must be single-file or diffusers, not {req.to!r}.")
+        return req.to
+    return "single-file" if req.output.lower().endswith(".safetensors") else "diffusers"
+
+
+def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | None = None) -> ConvertResult:
+    start = time.perf_counter()
+    dtype = resolve_dtype(req.dtype)
+    vae_dtype = resolve_dtype(req.vae_dtype)
+    device = resolve_device(req.device)
+    target = _target(req)
+    out = check_output(req.output, overwrite=req.overwrite)
+    if Path(req.src).expanduser().resolve() == out.resolve():
+        raise SdcError("the output is the input; choose another output path (inputs are never modified).")
+    model = load_model(
+        req.src,
+        allow_pickle=req.allow_pickle,
+        ema=req.ema,
+        tokenizer=req.tokenizer,
+        prediction_type=req.prediction_type,
+    )
+    if device.type != "cpu":
+        model.components = {k: _on_device(v, device) for k, v in model.components.items()}
+    notes = list(model.notes)
+    if target == "single-file":
+        notes += save_single_file(
+            model,
+            out,
+            dtype=dtype,
+            vae_dtype=vae_dtype,
+            overwrite=req.overwrite,
+            unet_only=req.unet_only,
+            on_tensor=on_tensor,
+        )
+        written = out.stat().st_size
+    else:
+        notes += save_diffusers(
+            model,
+            out,
+            dtype=dtype,
+            vae_dtype=vae_dtype,
+            overwrite=req.overwrite,
+            unet_only=req.unet_only,
+            on_tensor=on_tensor,
+        )
+        written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return ConvertResult(
+        src=req.src,
+        output=str(out),
+        direction=f"{model.format} -> {target}",
+        family=model.family.name,
+        preset=model.preset,
+        tensors=sum(len(sd) for sd in model.components.values()),
+        bytes_written=written,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )
