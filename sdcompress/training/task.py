@@ -69,6 +69,9 @@ class DiffusionParts:
         """Parts of a loaded diffusers pipeline; its scheduler's settings become a DDPM training scheduler."""
         from diffusers import DDPMScheduler
 
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                _rebuild_meta_position_ids(module)
         encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
         tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
         known = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
@@ -98,6 +101,20 @@ class DiffusionParts:
         pipe = self.pipeline_class(**components)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _rebuild_meta_position_ids(module: torch.nn.Module) -> None:
+    """Give `position_ids` buffers left on the meta device (non-persistent, so never loaded) real values.
+
+    Modules built on the meta device and loaded with `assign=True` keep such
+    buffers as meta tensors, which cannot be moved to a device for training.
+    """
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta and name.endswith("position_ids"):
+            owner, _, leaf = name.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            value = torch.arange(buffer.shape[-1]).expand(buffer.shape).clone()
+            sub.register_buffer(leaf, value, persistent=False)
 
 
 @dataclass(frozen=True)
