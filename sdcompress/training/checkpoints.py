@@ -57,7 +57,13 @@ def rotate(root: Path, keep: int | None) -> list[Path]:
             removed.append(path)
     newest = complete[-1].name if complete else None
     for path in root.iterdir() if root.is_dir() else []:
-        if path.is_dir() and path.name.startswith(PREFIX) and not is_complete(path) and newest and path.name < newest:
+        if (
+            path.is_dir()
+            and path.name.startswith(PREFIX)
+            and not is_complete(path)
+            and newest
+            and path.name < newest
+        ):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -28,12 +28,18 @@ class Conditioning:
 def tokenize(tokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
     """Token ids padded and truncated to the tokenizer's length (77 for CLIP)."""
     ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
     return ids.to(device)
 
 
-def encode_prompts(text_encoders: list, tokenizers: list, captions: list[str], device: torch.device) -> Conditioning:
+def encode_prompts(
+    text_encoders: list, tokenizers: list, captions: list[str], device: torch.device
+) -> Conditioning:
     """Run the text encoder(s) once for a batch of captions; gradients flow if the encoders train."""
     if len(text_encoders) == 1:
         ids = tokenize(tokenizers[0], captions, device)

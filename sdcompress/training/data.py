@@ -152,7 +152,9 @@ def _load_hf_dataset(config: DataConfig):
     try:
         import datasets
     except ImportError as exc:
-        raise SdcError("--dataset-name needs the `datasets` package; install it with `pip install datasets`.") from exc
+        raise SdcError(
+            "--dataset-name needs the `datasets` package; install it with `pip install datasets`."
+        ) from exc
     try:
         return datasets.load_dataset(config.dataset_name, split=config.dataset_split)
     except Exception as exc:  # network, missing split, unknown name: all user-fixable
@@ -175,7 +177,10 @@ def _as_pil(value: Any) -> Image.Image:
 
 def _hf_records(config: DataConfig, dataset, stats: DataStats) -> list[Record]:
     columns = set(dataset.column_names)
-    for option, column in (("--image-column", config.image_column), ("--caption-column", config.caption_column)):
+    for option, column in (
+        ("--image-column", config.image_column),
+        ("--caption-column", config.caption_column),
+    ):
         if column not in columns:
             raise SdcError(
                 f"dataset {config.dataset_name!r} has no column {column!r}; "
@@ -192,7 +197,9 @@ def _hf_records(config: DataConfig, dataset, stats: DataStats) -> list[Record]:
             stats.unreadable_examples.append(f"row {row_index}")
             continue
         caption = row[config.caption_column]
-        records.append(Record(source=row_index, caption=caption if isinstance(caption, str) else None, size=size))
+        records.append(
+            Record(source=row_index, caption=caption if isinstance(caption, str) else None, size=size)
+        )
     return records
 
 
@@ -254,7 +261,9 @@ def _rng(seed: int, *parts: int) -> random.Random:
     return random.Random(value)
 
 
-def epoch_batches(targets: Sequence[tuple[int, int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    targets: Sequence[tuple[int, int]], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Every batch of one epoch, in order: shuffled within each bucket, then the batches shuffled.
 
     A batch never mixes buckets, so its images stack into one tensor. The order

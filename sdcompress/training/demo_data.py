@@ -106,7 +106,9 @@ def demo_samples(count: int, *, seed: int = 0, size: int = 64, photos: bool = Fa
     if photos:
         extra = photo_samples(size)
         if not extra:
-            raise SdcError("the demo photographs need scikit-image; install it with `pip install scikit-image`.")
+            raise SdcError(
+                "the demo photographs need scikit-image; install it with `pip install scikit-image`."
+            )
         samples += extra
     if not samples:
         raise SdcError("the demo data set would be empty; pass --count 1 or more.")

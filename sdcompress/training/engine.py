@@ -104,7 +104,10 @@ class TrainConfig:
             (self.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more"),
             (self.max_steps is not None or self.epochs is not None, "give --max-steps or --epochs"),
-            ((self.max_steps or 1) >= 1 and (self.epochs or 1) >= 1, "--max-steps and --epochs must be positive"),
+            (
+                (self.max_steps or 1) >= 1 and (self.epochs or 1) >= 1,
+                "--max-steps and --epochs must be positive",
+            ),
             (0.0 < self.ema_decay < 1.0, "--ema-decay must be between 0 and 1"),
         ]
         for ok, message in checks:
@@ -189,7 +192,9 @@ def _make_accelerator(config: TrainConfig):
         try:
             import tensorboard  # noqa: F401
         except ImportError as exc:
-            raise SdcError("--report-to tensorboard needs tensorboard; install it with `pip install tensorboard`.") from exc
+            raise SdcError(
+                "--report-to tensorboard needs tensorboard; install it with `pip install tensorboard`."
+            ) from exc
     if config.report_to == "wandb":
         try:
             import wandb  # noqa: F401
@@ -198,7 +203,9 @@ def _make_accelerator(config: TrainConfig):
     use_cpu = config.cpu or not torch.cuda.is_available()
     if config.mixed_precision == "fp16" and use_cpu:
         raise SdcError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
-    project = ProjectConfiguration(project_dir=str(config.work_dir), logging_dir=str(config.work_dir / "logs"))
+    project = ProjectConfiguration(
+        project_dir=str(config.work_dir), logging_dir=str(config.work_dir / "logs")
+    )
     return Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -231,7 +238,9 @@ def _make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
-            raise SdcError("--optimizer adamw8bit needs bitsandbytes; install it or use --optimizer adamw.") from exc
+            raise SdcError(
+                "--optimizer adamw8bit needs bitsandbytes; install it or use --optimizer adamw."
+            ) from exc
         return bnb.optim.AdamW8bit(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
@@ -279,18 +288,24 @@ class _Loop:
         with acc.main_process_first():
             self.dataset, self.stats = build_dataset(self.data_config, config.seed)
         self.rank, self.world = acc.process_index, acc.num_processes
-        first = rank_batches(epoch_batches(self.dataset.targets, config.batch_size, config.seed, 0), 0, self.world)
+        first = rank_batches(
+            epoch_batches(self.dataset.targets, config.batch_size, config.seed, 0), 0, self.world
+        )
         self.batches_per_epoch = len(first)
         self.max_steps = _total_steps(config, self.batches_per_epoch)
 
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            config.mixed_precision, torch.float32
+        )
         if config.gradient_checkpointing:
             self.task.enable_gradient_checkpointing()
         modules = self.task.trainable_modules()
         groups = self.task.parameter_groups(config.lr)
         self.params = [p for group in groups for p in group["params"]]
         if not self.params:
-            raise SdcError("nothing to train: the task has no trainable parameters; check the training options.")
+            raise SdcError(
+                "nothing to train: the task has no trainable parameters; check the training options."
+            )
         optimizer = _make_optimizer(config, groups)
         from diffusers.optimization import get_scheduler
 
@@ -352,7 +367,9 @@ class _Loop:
 
     # -- one optimizer step -----------------------------------------------
 
-    def train_step(self, batches: Iterator[tuple[int, dict[str, Any]]], stop: _StopFlag) -> tuple[dict, bool, int]:
+    def train_step(
+        self, batches: Iterator[tuple[int, dict[str, Any]]], stop: _StopFlag
+    ) -> tuple[dict, bool, int]:
         acc, accum = self.accelerator, self.config.grad_accum
         totals: dict[str, torch.Tensor] = {}
         epoch = 0
@@ -471,11 +488,15 @@ class _Loop:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 self.history.append({"step": self.step, **values, "lr": lr})
                 elapsed = time.perf_counter() - window_start
-                self.emit("step", epoch=epoch, losses=values, lr=lr, it_per_s=window_steps / max(elapsed, 1e-9))
+                self.emit(
+                    "step", epoch=epoch, losses=values, lr=lr, it_per_s=window_steps / max(elapsed, 1e-9)
+                )
                 if config.report_to != "none":
                     self.accelerator.log({**values, "lr": lr}, step=self.step)
                 saved = False
-                if config.checkpoint_every and (self.step % config.checkpoint_every == 0 or self.step == self.max_steps):
+                if config.checkpoint_every and (
+                    self.step % config.checkpoint_every == 0 or self.step == self.max_steps
+                ):
                     self.save_checkpoint(epoch)
                     saved = True
                 if config.validation.every and self.step % config.validation.every == 0:
@@ -488,7 +509,9 @@ class _Loop:
                     break
         output = None
         if not interrupted:
-            if config.validation.prompts and not (config.validation.every and self.step % config.validation.every == 0):
+            if config.validation.prompts and not (
+                config.validation.every and self.step % config.validation.every == 0
+            ):
                 self.validate(epoch)
             output = self.save_output()
             self.emit("done", epoch=epoch, path=output)

@@ -41,7 +41,9 @@ def sample_noise(latents: torch.Tensor, offset: float, generator: torch.Generato
     return noise
 
 
-def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, kind: str):
+def training_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, kind: str
+):
     """The tensor the U-Net learns to output: the noise (epsilon) or the velocity (v-prediction)."""
     if kind == "epsilon":
         return noise
@@ -50,13 +52,21 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 
-def add_noise(scheduler, latents: torch.Tensor, config: NoiseConfig, generator: torch.Generator) -> NoisyBatch:
+def add_noise(
+    scheduler, latents: torch.Tensor, config: NoiseConfig, generator: torch.Generator
+) -> NoisyBatch:
     """Noise `latents` at uniformly drawn timesteps and give the matching target."""
     kind = config.prediction_type or scheduler.config.prediction_type
     noise = sample_noise(latents, config.offset, generator)
     timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+        0,
+        scheduler.config.num_train_timesteps,
+        (latents.shape[0],),
+        generator=generator,
+        device=latents.device,
     ).long()
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = training_target(scheduler, latents, noise, timesteps, kind)
-    return NoisyBatch(noisy_latents=noisy, timesteps=timesteps, noise=noise, target=target, prediction_type=kind)
+    return NoisyBatch(
+        noisy_latents=noisy, timesteps=timesteps, noise=noise, target=target, prediction_type=kind
+    )

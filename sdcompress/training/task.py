@@ -35,7 +35,9 @@ class TrainTask(Protocol):
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory in the trainable modules."""
 
-    def bind(self, prepared: dict[str, torch.nn.Module], device: torch.device, weight_dtype: torch.dtype) -> None:
+    def bind(
+        self, prepared: dict[str, torch.nn.Module], device: torch.device, weight_dtype: torch.dtype
+    ) -> None:
         """Receive the wrapped trainable modules and move the frozen parts to the device."""
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -72,7 +74,9 @@ class DiffusionParts:
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 _rebuild_meta_position_ids(module)
-        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+        encoders = [pipe.text_encoder] + (
+            [pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else []
+        )
         tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
         known = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
         extra = {k: v for k, v in pipe.components.items() if k not in known}
@@ -189,7 +193,9 @@ class DiffusionTask:
     def encode(self, batch: dict[str, Any]) -> Conditioning:
         """One text-encoder forward for the batch (with gradients only when the encoders train)."""
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
-            return encode_prompts(self.parts.text_encoders, self.parts.tokenizers, batch["captions"], self.device)
+            return encode_prompts(
+                self.parts.text_encoders, self.parts.tokenizers, batch["captions"], self.device
+            )
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> PreparedBatch:
         """Latents, conditioning, noise, timesteps and target for one batch."""

@@ -38,7 +38,9 @@ def render_grid(pipe, config: ValidationConfig, device: torch.device, resolution
     pipe.to(device)
     images = []
     autocast = (
-        torch.autocast(device.type, dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=torch.float16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
     )
     size = config.resolution or resolution
     with torch.no_grad(), autocast:
