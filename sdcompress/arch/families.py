@@ -86,8 +86,9 @@ def _clip(
         "hidden_act": act,
         "projection_dim": projection or hidden,
         "layer_norm_eps": 1e-05,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
+        # the published SD / SDXL text-encoder configs carry these ids (pooling uses them as diffusers does)
+        "bos_token_id": 0,
+        "eos_token_id": 2,
         "pad_token_id": 1,
     }
 

@@ -351,7 +351,11 @@ def _finish_folder(
         configs[name] = {k: v for k, v in config.items() if not k.startswith("_")}
         sd = _weights(folder, _WEIGHT_STEMS.get(name, "model"))
         # transformers 5 saves CLIPTextModel without `text_model.`; the canonical form has it.
-        components[name] = text_map.clip_to_diffusers(sd) if name.startswith("text_encoder") else sd
+        if name.startswith("text_encoder"):
+            sd = text_map.clip_to_diffusers(sd)
+        elif name == "vae":
+            sd = vae_map.normalize_vae_keys(sd)  # older folders use query/key/value/proj_attn
+        components[name] = sd
     sched_file = path / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(sched_file) if sched_file.is_file() else None
     v_pred = None

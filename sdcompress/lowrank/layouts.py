@@ -390,7 +390,7 @@ def data_hash(sd: Mapping[str, LazyTensor]) -> str:
     for lt in sd.values():
         t = lt.load().contiguous()
         if t.numel():
-            h.update(t.view(torch.uint8).reshape(-1).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from sdcompress.errors import SdcError
 from sdcompress.training.features import FeaturePair, FeatureTaps
 from sdcompress.training.losses import feature_mse
-from sdcompress.training.task import DiffusionParts, DiffusionTask, LossConfig, run_unet
+from sdcompress.training.task import DiffusionParts, DiffusionTask, LossConfig, TrainingSummary, run_unet
 
-StudentSaver = Callable[[torch.nn.Module, Path], None]
+StudentSaver = Callable[[torch.nn.Module, Path, TrainingSummary], None]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class DistillWeights:
 def save_pipeline_folder(parts: DiffusionParts) -> StudentSaver:
     """A saver writing the whole pipeline with diffusers' own `save_pretrained` (safetensors)."""
 
-    def save(student: torch.nn.Module, out: Path) -> None:
+    def save(student: torch.nn.Module, out: Path, summary: TrainingSummary) -> None:
         parts.pipeline(unet=student).save_pretrained(out, safe_serialization=True)
 
     return save
@@ -126,8 +126,8 @@ class DistillTask(DiffusionTask):
     def validation_pipeline(self):
         return self.parts.pipeline(unet=self.parts.unet)
 
-    def save(self, output_dir: Path) -> None:
-        self.saver(self.parts.unet, output_dir)
+    def save(self, output_dir: Path, summary: TrainingSummary) -> None:
+        self.saver(self.parts.unet, output_dir, summary)
 
     def close(self) -> None:
         """Remove the hooks (the modules may be reused after training)."""

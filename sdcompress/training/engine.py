@@ -41,7 +41,7 @@ from sdcompress.training.data import (
     epoch_batches,
     rank_batches,
 )
-from sdcompress.training.task import TrainTask
+from sdcompress.training.task import TrainingSummary, TrainTask
 from sdcompress.training.validation import ValidationConfig, render_grid, save_grid
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -451,7 +451,7 @@ class _Loop:
                 self.emit("validation", epoch=epoch, path=path)
         acc.wait_for_everyone()
 
-    def save_output(self) -> Path | None:
+    def save_output(self, epoch: int) -> Path | None:
         acc, out = self.accelerator, self.config.output_dir
         acc.wait_for_everyone()
         if out is not None and acc.is_main_process:
@@ -460,8 +460,15 @@ class _Loop:
                     self.ema.store(self.params)
                     self.ema.copy_to(self.params)
                     stack.callback(self.ema.restore, self.params)
+                summary = TrainingSummary(
+                    steps=self.step,
+                    epoch=epoch,
+                    loss_history=self.history,
+                    data=self.stats.to_dict(),
+                    options=_tracker_config(self.config),
+                )
                 with atomic_dir(out, overwrite=self.config.overwrite) as tmp:
-                    self.task.save(tmp)
+                    self.task.save(tmp, summary)
         acc.wait_for_everyone()
         return out
 
@@ -513,7 +520,7 @@ class _Loop:
                 config.validation.every and self.step % config.validation.every == 0
             ):
                 self.validate(epoch)
-            output = self.save_output()
+            output = self.save_output(epoch)
             self.emit("done", epoch=epoch, path=output)
         if config.report_to != "none":
             self.accelerator.end_training()

@@ -20,6 +20,17 @@ from sdcompress.training.losses import diffusion_loss
 from sdcompress.training.noise import NoiseConfig, NoisyBatch, add_noise
 
 
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What a finished run hands to `TrainTask.save`, for the output's run record or model card."""
+
+    steps: int
+    epoch: int
+    loss_history: list[dict[str, float]]
+    data: dict[str, Any]
+    options: dict[str, Any]
+
+
 @runtime_checkable
 class TrainTask(Protocol):
     """One training job on the shared loop."""
@@ -46,8 +57,8 @@ class TrainTask(Protocol):
     def validation_pipeline(self):
         """A diffusers pipeline using the current weights, for validation images (or None)."""
 
-    def save(self, output_dir: Path) -> None:
-        """Write the trained result into `output_dir` (an empty temporary folder)."""
+    def save(self, output_dir: Path, summary: TrainingSummary) -> None:
+        """Write the trained result into `output_dir` (an empty temporary folder), with the run's record."""
 
 
 @dataclass
