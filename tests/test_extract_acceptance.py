@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _lowrank_fixtures import write_pair
 from peft.tuners.lora import LoraLayer
 
 from sdcompress.checkpoint.instantiate import build_pipeline
@@ -19,7 +20,6 @@ from sdcompress.lowrank.extract import ExtractOptions
 from sdcompress.lowrank.targets import is_target
 from sdcompress.services.extract import ExtractRequest, run_extract
 from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
-from _lowrank_fixtures import write_pair
 
 RANK = 3
 pytestmark = pytest.mark.slow  # builds and fuses four tiny pipelines (~75 s on 2 cores)
@@ -74,7 +74,7 @@ def test_diffusers_loads_every_key_and_fuses_to_the_truncation(pair, fmt):
     )
     f = SafetensorsFile(out)
     suffix = ".lora_down.weight" if fmt == "kohya" else ".lora_A.weight"
-    file_modules = [k.removesuffix(suffix) for k in f.keys() if k.endswith(suffix)]
+    file_modules = [k.removesuffix(suffix) for k in f.entries if k.endswith(suffix)]
     assert result.modules == len(file_modules)
     expected = {
         c: {
