@@ -47,6 +47,10 @@ def _register() -> None:
 
     app.command("info")(info.info)
     app.command("convert")(convert.convert)
+    from sdcompress.cli import extract, merge
+
+    app.command("extract-lora")(extract.extract_lora)
+    app.command("merge")(merge.merge)
 
 
 _register()

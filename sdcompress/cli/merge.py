@@ -1,0 +1,74 @@
+"""`sdcompress merge`: LoRAs into checkpoints, LoRA + LoRA, and checkpoint merges."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sdcompress.cli._lowrank_progress import progress_bar
+from sdcompress.cli._options import AllowPickle, DType, Json, Output, Overwrite
+from sdcompress.cli._output import emit_json, note, success
+from sdcompress.errors import SdcError
+from sdcompress.lowrank.merge_math import METHODS
+from sdcompress.services.extract import DTYPES
+from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
+
+
+def merge(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="Models: BASE to bake LoRAs into, or A B [C ...] to merge. None: merge LoRAs."),
+    ] = None,
+    output: Output = ...,  # type: ignore[assignment]
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", help="LoRA file[:WEIGHT] (repeatable; kohya, PEFT, LyCORIS)."),
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help=f"{', '.join(METHODS)} (default by model count).")
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option("--alpha", help="weighted-sum: share of B; add-difference/ties/dare: scale."),
+    ] = None,
+    density: Annotated[
+        float | None, typer.Option("--density", help="ties: share kept; dare: keep rate.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="dare's random drop.")] = 0,
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="LoRA + LoRA: re-rank by SVD (with one LoRA: resize it).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Layout of a merged LoRA: kohya or peft.")] = "kohya",
+    dtype: DType = None,
+    json_: Json = False,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Merge models and LoRAs, tensor by tensor. Output .safetensors: one file; else a diffusers folder."""
+    if dtype is not None and dtype not in DTYPES:
+        raise SdcError(f"--dtype {dtype} is not one of fp16, bf16, fp32.")
+    if fmt not in ("kohya", "peft"):
+        raise SdcError(f"--format {fmt} is not one of kohya, peft.")
+    request = MergeRequest(
+        models=list(models or []),
+        output=output,
+        loras=[LoraRef.parse(x) for x in lora or []],
+        method=method,
+        alpha=alpha,
+        density=density,
+        seed=seed,
+        rank=rank,
+        format=fmt,
+        dtype=DTYPES[dtype] if dtype else None,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+    )
+    with progress_bar("merging", enabled=not json_) as progress:
+        result = run_merge(request, progress)
+    if json_:
+        emit_json(result.__dict__)
+        return
+    for n in result.notes:
+        note(n)
+    success(f"wrote {result.output} ({result.kind}, {result.adapted_modules} modules adapted)")
