@@ -316,7 +316,8 @@ _register(
 # transformer depths), tiny widths. They exist so that every command, test and
 # the demo run offline in seconds, and so that every preset applies to them.
 _TINY_CLIP = {**_clip(32, 2, inter=64, act="quick_gelu")}
-_TINY_CLIP_G = {**_clip(32, 2, inter=64, act="gelu", projection=32, with_projection=True)}
+# A different width from the first encoder, as in SDXL (diffusers tells the two apart by width).
+_TINY_CLIP_G = {**_clip(64, 2, inter=128, act="gelu", projection=64, with_projection=True)}
 _TINY_VAE_SD = _vae([32, 64], layers=1, sample_size=64, scaling=0.18215, upcast=False)
 _TINY_VAE_XL = _vae([32, 64], layers=1, sample_size=64, scaling=0.13025, upcast=True)
 
@@ -353,11 +354,11 @@ _register(
             up_block_types=_XL_UP,
             transformer_layers_per_block=[1, 2, 10],
             attention_head_dim=[1, 1, 2],
-            cross_attention_dim=64,
+            cross_attention_dim=32 + 64,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=32 + 6 * 256,
+            projection_class_embeddings_input_dim=64 + 6 * 256,
             sample_size=32,
         ),
         vae=_TINY_VAE_XL,

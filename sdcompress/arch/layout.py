@@ -88,15 +88,34 @@ def layout_from_config(cfg: Config) -> UNetLayout:
     return UNetLayout(tuple(down), tuple(up), mid)
 
 
-def _uniform(levels: tuple[tuple[int, ...], ...]) -> list[int] | None:
-    """One depth per level when every attention of a level has the same depth."""
-    out = []
-    for level in levels:
-        nonzero = set(level) - {0}
-        if len(nonzero) > 1:
+def _level_depth(level: tuple[int, ...]) -> int | None | bool:
+    """The one depth of a level's attentions; None without attention; False when they differ."""
+    nonzero = set(level) - {0}
+    if not nonzero:
+        return None
+    return nonzero.pop() if len(nonzero) == 1 else False
+
+
+def _symmetric_depths(layout: UNetLayout) -> list[int] | None:
+    """One depth per level that serves the down path, the mirrored up path and the mid block.
+
+    Levels without attention are free: they take whatever value makes the short spelling work.
+    None when no such list exists (then lists of lists are needed).
+    """
+    n = layout.levels
+    merged: list[int | None] = []
+    for x in range(n):
+        down, up = _level_depth(layout.down[x]), _level_depth(layout.up[n - 1 - x])
+        if down is False or up is False or (down is not None and up is not None and down != up):
             return None
-        out.append(nonzero.pop() if nonzero else 1)
-    return out
+        merged.append(down if down is not None else up)
+    if layout.mid:
+        if merged[-1] not in (None, layout.mid):
+            return None
+        merged[-1] = layout.mid
+    known = [d for d in merged if d is not None]
+    fill = max(set(known), key=known.count) if known else 1
+    return [fill if d is None else d for d in merged]
 
 
 def config_from_layout(base: Config, layout: UNetLayout, *, channels: list[int] | None = None) -> Config:
@@ -137,10 +156,9 @@ def config_from_layout(base: Config, layout: UNetLayout, *, channels: list[int] 
     )
     cfg.pop("reverse_transformer_layers_per_block", None)
 
-    down_u, up_u = _uniform(layout.down), _uniform(layout.up)
-    symmetric = down_u is not None and up_u is not None and up_u == list(reversed(down_u))
-    if symmetric and (not layout.mid or layout.mid == down_u[-1]):
-        cfg["transformer_layers_per_block"] = down_u[0] if len(set(down_u)) == 1 else down_u
+    depths = _symmetric_depths(layout)
+    if depths is not None:
+        cfg["transformer_layers_per_block"] = depths[0] if len(set(depths)) == 1 else depths
     else:
         down_lists = [[d or 1 for d in level] for level in layout.down]
         if layout.mid:

@@ -73,7 +73,9 @@ def load_model(
     if text.lower() in TINY_MODELS:
         from sdcompress.checkpoint.tiny import tiny_model_path
 
-        model = load_model(tiny_model_path(text.lower()), tokenizer=tokenizer)
+        model = load_model(
+            tiny_model_path(text.lower()), tokenizer=tokenizer, prediction_type=prediction_type
+        )
         model.ref = text.lower()
         return model
     path = Path(text).expanduser()

@@ -18,7 +18,7 @@ from sdcompress.checkpoint.keymap import text as text_map
 from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.tensors import lazy_state_dict
 
-TINY_VERSION = 1
+TINY_VERSION = 3
 SEED = 20240
 
 

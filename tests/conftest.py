@@ -1,0 +1,52 @@
+"""Shared fixtures: an isolated cache for the tiny models, and a way to run the CLI in-process."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Every test (and every subprocess it starts) builds the tiny models into one throwaway cache,
+# never touches the network, and never the user's own cache.
+os.environ.setdefault("SDCOMPRESS_CACHE", tempfile.mkdtemp(prefix="sdcompress-test-cache-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class CliResult:
+    def __init__(self, code: int, stdout: str, stderr: str):
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, stdout={self.stdout[-500:]!r}, stderr={self.stderr[-1500:]!r})"
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `sdcompress ARGS...` through the real entry point (error mapping included)."""
+    from sdcompress.cli.app import main
+
+    def run(*args: str) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["sdcompress", *map(str, args)])
+        capsys.readouterr()
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def tree_digest(path: Path) -> dict[str, bytes]:
+    """Every file's bytes under `path` (or of `path`), to prove inputs were not modified."""
+    import hashlib
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).digest() for p in files}
