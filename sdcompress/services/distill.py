@@ -20,7 +20,7 @@ import torch
 from sdcompress import __version__
 from sdcompress.checkpoint.atomic import check_output
 from sdcompress.errors import SdcError
-from sdcompress.training.data import DataConfig
+from sdcompress.training.data import DataConfig, model_bucket_step
 from sdcompress.training.distill_task import DistillTask, DistillWeights
 from sdcompress.training.engine import ProgressCallback, TrainConfig, TrainResult, train
 from sdcompress.training.features import FeaturePair, check_compatible, pair_features
@@ -143,8 +143,16 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     output = check_output(request.output, overwrite=request.train.overwrite)
     request.train.validate()
     teacher, student = _load(request)
-    data = request.data if request.data.resolution else replace(request.data, resolution=teacher.family.resolution)
+    data = replace(
+        request.data,
+        resolution=request.data.resolution or teacher.family.resolution,
+        bucket_step=model_bucket_step(teacher.configs["vae"], student.configs["unet"]),
+    )
     data.validate()
+    if data.resolution % data.bucket_step:
+        raise SdcError(
+            f"--resolution {data.resolution} does not fit this model; use a multiple of {data.bucket_step}."
+        )
     pipe = build_pipeline(teacher, dtype=torch.float32)
     student_unet = build_module(student, "unet", dtype=torch.float32)
     pairs = pair_features(student_unet, pipe.unet, request.features, request.teacher)

@@ -48,6 +48,7 @@ class DataConfig:
     random_flip: bool = False
     caption_dropout: float = 0.0
     buckets: bool = False
+    bucket_step: int = 64  # pixels per bucket side step: VAE factor x U-Net downsampling (64 for SD)
     require_captions: bool = False
 
     def validate(self) -> None:
@@ -235,12 +236,18 @@ def scan(config: DataConfig) -> tuple[list[Record], DataStats, Any]:
 # ---------------------------------------------------------------------------- buckets and order
 
 
-def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
-    """The (h, w) buckets for a pixel budget of resolution**2, each side a multiple of 64."""
+def bucket_sizes(resolution: int, step: int = BUCKET_DIVISIBILITY) -> list[tuple[int, int]]:
+    """The (h, w) buckets for a pixel budget of resolution**2, each side a multiple of `step`."""
     from diffusers.training_utils import generate_aspect_ratio_buckets
 
-    divisibility = BUCKET_DIVISIBILITY if resolution >= BUCKET_DIVISIBILITY else 8
-    return generate_aspect_ratio_buckets(resolution, divisibility=divisibility)
+    return generate_aspect_ratio_buckets(resolution, divisibility=step)
+
+
+def model_bucket_step(vae_config: dict, unet_config: dict) -> int:
+    """Pixels a bucket side must divide by for this model: the VAE's and the U-Net's downsampling."""
+    vae_factor = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    unet_factor = 2 ** (len(unet_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return vae_factor * unet_factor
 
 
 def assign_buckets(records: Sequence[Record], config: DataConfig) -> list[tuple[int, int]]:
@@ -249,7 +256,7 @@ def assign_buckets(records: Sequence[Record], config: DataConfig) -> list[tuple[
         return [(config.resolution, config.resolution)] * len(records)
     from diffusers.training_utils import find_nearest_bucket
 
-    options = bucket_sizes(config.resolution)
+    options = bucket_sizes(config.resolution, config.bucket_step)
     return [options[find_nearest_bucket(r.size[0], r.size[1], options)] for r in records]
 
 
