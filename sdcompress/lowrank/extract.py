@@ -25,6 +25,10 @@ from sdcompress.lowrank.targets import TE, TE2, UNET, Target, is_conv_kernel, is
 DEFAULT_RANK = 32
 BUDGET_RANK_CAP = 128
 GPU_BATCH = 16
+# The size budget is for the whole file: the safetensors header costs about this
+# much per module (three JSON entries with ~80-character names) plus the metadata.
+HEADER_BYTES_PER_MODULE = 3 * 160
+HEADER_BYTES_FIXED = 8192
 
 
 @dataclass(frozen=True)
@@ -175,10 +179,17 @@ def _choose_ranks(
 ):
     if options.size_budget is not None:
         el = dtype_size(options.dtype)
+        fixed = el + HEADER_BYTES_PER_MODULE
         layers = [
-            BudgetLayer(lr.s, (shapes[t][0] + math.prod(shapes[t][1:])) * el, el) for t, lr in factors.items()
+            BudgetLayer(lr.s, (shapes[t][0] + math.prod(shapes[t][1:])) * el, fixed)
+            for t, lr in factors.items()
         ]
-        return dict(zip(factors, ranks_for_budget(layers, options.size_budget), strict=True))
+        budget = options.size_budget - HEADER_BYTES_FIXED
+        if budget <= 0:
+            raise SdcError(
+                f"--size-budget {options.size_budget} bytes is too small for a LoRA file; allow more."
+            )
+        return dict(zip(factors, ranks_for_budget(layers, budget), strict=True))
     out = {}
     for t, lr in factors.items():
         cap = _cap(shapes[t], options)
