@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import meta_model, random_student
 from safetensors import safe_open
 
-from _models import meta_model, random_student
 from sdcompress.arch.infer import structural_view
 from sdcompress.checkpoint.keymap.unet import layout_from_single_file_keys
 from sdcompress.checkpoint.resolve import load_model, split_single_file

@@ -1,0 +1,140 @@
+"""Conversion speed and memory: sdcompress vs `cp` and vs diffusers, on full-size random fp16 checkpoints.
+
+    python benchmarks/convert.py --family sd1 --family sdxl --workdir /tmp/sdc-bench
+
+For each family the script writes a full-size single file with random fp16
+weights (tensor by tensor), then, each in its own child process so peak RSS is
+the child's own:
+
+- `cp` of the same bytes (the physical floor: read and write every byte once);
+- `sdcompress convert` single file -> diffusers folder, and back;
+- diffusers' `from_single_file` + `save_pretrained` of the same file (offline,
+  given the config folder sdcompress wrote).
+
+Targets (issue 2): at most 1.5x the `cp` time; at most half diffusers' peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+
+def _child(cmd: list[str]) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS in GiB) of that child alone."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 2**20
+
+
+def make_checkpoint(family: str, path: Path) -> int:
+    from sdcompress.arch.families import get_family
+    from sdcompress.checkpoint.instantiate import module_from_config
+    from sdcompress.checkpoint.keymap import text as text_map
+    from sdcompress.checkpoint.model import Model
+    from sdcompress.checkpoint.tensors import LazyTensor
+    from sdcompress.checkpoint.writers import save_single_file
+
+    fam = get_family(family)
+    gen = torch.Generator().manual_seed(0)
+
+    def random_sd(component: str, config: dict) -> dict[str, LazyTensor]:
+        sd = {}
+        for k, v in module_from_config(component, config).state_dict().items():
+            if k.endswith("position_ids"):
+                continue
+            shape = tuple(v.shape)
+            sd[k] = LazyTensor(
+                shape, torch.float16, lambda s=shape: (torch.randn(s, generator=gen) * 0.02).half()
+            )
+        return text_map.clip_to_diffusers(sd) if component.startswith("text") else sd
+
+    components = {"unet": random_sd("unet", fam.unet), "vae": random_sd("vae", fam.vae)}
+    configs = {"unet": fam.unet, "vae": fam.vae, "scheduler": fam.scheduler}
+    for spec in fam.text_encoders:
+        components[spec.component] = random_sd(spec.component, spec.config)
+        configs[spec.component] = spec.config
+    model = Model(f"random-{family}", None, "diffusers", fam, components, configs)
+    save_single_file(model, path, overwrite=True)
+    return path.stat().st_size
+
+
+DIFFUSERS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, diffusers
+    src, config, out, cls = sys.argv[1:5]
+    pipe = getattr(diffusers, cls).from_single_file(src, config=config, local_files_only=True,
+                                                    torch_dtype=torch.float16)
+    pipe.save_pretrained(out)
+    """
+)
+
+
+def bench(family: str, work: Path) -> dict[str, float]:
+    from sdcompress.arch.families import get_family
+
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / f"{family}.safetensors"
+    size = make_checkpoint(family, src)
+    exe = [sys.executable, "-m", "sdcompress"]
+    for p in ("cp.safetensors", "folder", "back.safetensors", "diffusers"):
+        shutil.rmtree(work / p, ignore_errors=True) if (work / p).is_dir() else (work / p).unlink(
+            missing_ok=True
+        )
+    subprocess.run(["sync"], check=False)
+    r = {"size_gb": size / 1e9}
+    r["cp_s"], r["cp_rss"] = _child(["cp", str(src), str(work / "cp.safetensors")])
+    r["to_diffusers_s"], r["to_diffusers_rss"] = _child(
+        [*exe, "convert", str(src), "-o", str(work / "folder")]
+    )
+    r["to_single_s"], r["to_single_rss"] = _child(
+        [*exe, "convert", str(work / "folder"), "-o", str(work / "back.safetensors")]
+    )
+    cls = get_family(family).pipeline_class
+    r["diffusers_s"], r["diffusers_rss"] = _child(
+        [sys.executable, "-c", DIFFUSERS_SCRIPT, str(src), str(work / "folder"), str(work / "diffusers"), cls]
+    )
+    for p in ("cp.safetensors", "back.safetensors"):
+        (work / p).unlink(missing_ok=True)
+    shutil.rmtree(work / "folder", ignore_errors=True)
+    shutil.rmtree(work / "diffusers", ignore_errors=True)
+    src.unlink(missing_ok=True)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", action="append", default=None, help="sd1, sd2, sdxl (repeatable)")
+    ap.add_argument("--workdir", default="/tmp/sdcompress-bench-convert")
+    args = ap.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    print(
+        f"{'family':8} {'size':>8} {'cp':>8} {'->diffusers':>12} {'->single':>10} {'x cp':>6} "
+        f"{'RSS ours':>9} {'RSS diffusers':>14} {'ratio':>6}"
+    )
+    for family in args.family or ["sd1", "sdxl"]:
+        r = bench(family, Path(args.workdir))
+        worst = max(r["to_diffusers_s"], r["to_single_s"])
+        ours = max(r["to_diffusers_rss"], r["to_single_rss"])
+        print(
+            f"{family:8} {r['size_gb']:6.2f}GB {r['cp_s']:7.1f}s {r['to_diffusers_s']:11.1f}s {r['to_single_s']:9.1f}s "
+            f"{worst / r['cp_s']:5.2f}x {ours:7.2f}GiB {r['diffusers_rss']:12.2f}GiB {ours / r['diffusers_rss']:5.2f}"
+            f"   (diffusers from_single_file+save_pretrained {r['diffusers_s']:.1f}s)",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
