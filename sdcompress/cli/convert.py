@@ -29,7 +29,7 @@ def convert(
     ] = False,
     unet_only: Annotated[bool, typer.Option("--unet-only", help="Write only the U-Net.")] = False,
     to: Annotated[
-        str | None, typer.Option("--to", help="single-file or diffusers (default: from the output path).")
+        str | None, typer.Option("--to", help="single-file or diffusers (default: from the output path); for a LoRA file: kohya or peft.")
     ] = None,
     prediction_type: Annotated[
         str | None,
@@ -45,16 +45,16 @@ def convert(
 
     A path ending in .safetensors gets a single file; anything else a diffusers folder.
     """
-    from sdcompress.services.lora_convert import is_lora_file
+    from sdcompress.services.lora_convert import convert_lora, is_lora_file
 
     if is_lora_file(src):
-        from sdcompress.services.lora_convert import convert_lora_file
-
-        result = convert_lora_file(src, output, to=to, overwrite=overwrite)
+        lora = convert_lora(src, output, to=to or "kohya", overwrite=overwrite)
         if json_:
-            emit_json(result)
+            from dataclasses import asdict
+
+            emit_json(asdict(lora))
         else:
-            success(f"wrote {result['output']} ({result['layout']} layout, {result['modules']} modules)")
+            success(f"{lora.source_layout} -> {lora.format}: wrote {lora.output} ({lora.modules} modules)")
         return
     req = ConvertRequest(
         src=src,
