@@ -51,6 +51,10 @@ def _register() -> None:
 
     app.command("extract-lora")(extract.extract_lora)
     app.command("merge")(merge.merge)
+    from sdcompress.cli import bench, push
+
+    app.command("push")(push.push)
+    app.command("bench")(bench.bench)
 
 
 _register()

@@ -1,0 +1,127 @@
+"""What sdcompress knows about where a model came from, read back from the records it leaves.
+
+`prune` writes `sdcompress_prune.json` into its output folder (teacher, preset
+or removed blocks, parameter counts before and after) and the training
+commands write `sdcompress_run.json` (teacher, steps, options, loss curve). A
+single `.safetensors` file carries the same records as JSON strings in its
+metadata under `sdcompress.prune` / `sdcompress.run`. Every record is
+optional and read leniently: a model card with less lineage is better than a
+push that fails because a record is missing, old or hand-edited.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRUNE_RECORD = "sdcompress_prune.json"
+RUN_RECORD = "sdcompress_run.json"
+METADATA_KEYS = {"prune": "sdcompress.prune", "run": "sdcompress.run"}
+
+# Where a sample grid may sit in a model folder, most specific first; the
+# training loop saves its validation grids as validation/step-NNNNNNNN.png.
+GRID_NAMES = ("sample_grid.png", "samples.png", "grid.png")
+GRID_FOLDERS = ("validation", "samples")
+
+
+@dataclass
+class Lineage:
+    prune: dict[str, Any] | None = None
+    run: dict[str, Any] | None = None
+    sample_grid: str | None = None  # posix path relative to the uploaded folder
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def teacher(self) -> str | None:
+        for record in (self.run, self.prune):
+            if record and isinstance(record.get("teacher"), str):
+                return record["teacher"]
+        return None
+
+    @property
+    def run_kind(self) -> str | None:
+        """distill, finetune or lora (the command that wrote the training record)."""
+        if not self.run:
+            return None
+        kind = self.run.get("kind") or self.run.get("task") or self.run.get("command")
+        return str(kind) if kind else None
+
+    def loss_curve(self) -> list[tuple[int, float]]:
+        return loss_points(self.run) if self.run else []
+
+
+def loss_points(run: dict[str, Any]) -> list[tuple[int, float]]:
+    """(step, loss) pairs from `loss_curve` or `loss_history`: numbers, [step, loss] pairs or dicts."""
+    raw = run.get("loss_curve", run.get("loss_history"))
+    if not isinstance(raw, list):
+        return []
+    points = []
+    for i, item in enumerate(raw, start=1):
+        step, loss = i, None
+        if isinstance(item, int | float) and not isinstance(item, bool):
+            loss = item
+        elif isinstance(item, list | tuple) and len(item) == 2:
+            step, loss = item
+        elif isinstance(item, dict):
+            step, loss = item.get("step", i), item.get("loss")
+        if isinstance(loss, int | float) and isinstance(step, int | float):
+            points.append((int(step), float(loss)))
+    return points
+
+
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        notes.append(f"{path.name} could not be read ({e.__class__.__name__}); the card leaves it out.")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"{path.name} is not a JSON object; the card leaves it out.")
+        return None
+    return data
+
+
+def _parse_metadata_record(raw: str | None, key: str, notes: list[str]) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        notes.append(f"metadata {key} is not JSON; the card leaves it out.")
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def find_sample_grid(folder: Path) -> str | None:
+    """The folder's sample grid: a well-known name, else the newest validation grid."""
+    for name in GRID_NAMES:
+        if (folder / name).is_file():
+            return name
+    for sub in GRID_FOLDERS:
+        images = sorted((folder / sub).glob("*.png")) if (folder / sub).is_dir() else []
+        if images:
+            return images[-1].relative_to(folder).as_posix()
+    return None
+
+
+def folder_lineage(folder: Path) -> Lineage:
+    notes: list[str] = []
+    return Lineage(
+        prune=_read_json(folder / PRUNE_RECORD, notes),
+        run=_read_json(folder / RUN_RECORD, notes),
+        sample_grid=find_sample_grid(folder),
+        notes=notes,
+    )
+
+
+def file_lineage(metadata: dict[str, str]) -> Lineage:
+    notes: list[str] = []
+    return Lineage(
+        prune=_parse_metadata_record(metadata.get(METADATA_KEYS["prune"]), METADATA_KEYS["prune"], notes),
+        run=_parse_metadata_record(metadata.get(METADATA_KEYS["run"]), METADATA_KEYS["run"], notes),
+        notes=notes,
+    )

@@ -1,0 +1,516 @@
+"""`bench`: how fast and how big a U-Net is, measured, with the first model as the baseline.
+
+A denoising step is one U-Net forward; with classifier-free guidance a
+pipeline runs the conditional and unconditional halves as one batch, so the
+U-Net sees twice the image batch (`cfg=False` turns that off). Inputs are
+built from the U-Net's own config (latent channels and size, text width,
+SDXL's pooled text embeddings and time ids), so any layout the config can
+describe is measured the same way. Peak memory is CUDA's
+`max_memory_allocated` on a GPU; on the CPU it is the growth of the
+process's resident memory from before the U-Net was built, sampled by a
+thread, and labelled as such.
+
+`random_weights` measures an architecture (a family or a preset) without its
+weights: the U-Net is built on the meta device and materialised directly on
+the target device in the target dtype, so SDXL in fp16 needs no fp32 copy.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdcompress.arch.families import FAMILIES, Config, Family, get_family
+from sdcompress.arch.presets import PRESETS, get_preset, preset_for_family
+from sdcompress.devices import resolve_device, resolve_dtype
+from sdcompress.errors import SdcError
+
+TEXT_TOKENS = 77
+RSS_SAMPLE_S = 0.002
+
+
+@dataclass
+class BenchRequest:
+    models: list[str]
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    resolution: int | None = None
+    steps: int = 10
+    warmup: int = 2
+    device: str = "auto"
+    dtype: str | None = None
+    cfg: bool = True
+    random_weights: bool = False
+    teacher: str | None = None  # with random_weights: the family presets are applied to
+    allow_pickle: bool = False
+    seed: int = 0
+
+
+@dataclass
+class BatchResult:
+    batch_size: int  # images per step
+    unet_batch: int  # what the U-Net sees (doubled by CFG)
+    steps_per_s: float | None
+    ms_per_step: float | None
+    images_per_s: float | None
+    peak_memory: int | None
+    speedup: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class ModelBench:
+    ref: str
+    family: str
+    preset: str | None
+    random_weights: bool
+    parameters: int
+    size_on_disk: int | None
+    weights_bytes: int
+    resolution: int
+    latent_size: int
+    results: list[BatchResult] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    device: str
+    dtype: str
+    cfg: bool
+    steps: int
+    warmup: int
+    memory_kind: str  # "cuda_max_allocated" | "cpu_peak_rss_delta"
+    baseline: str
+    models: list[ModelBench]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- the U-Net under test
+
+
+@dataclass
+class _Subject:
+    ref: str
+    family: Family
+    preset: str | None
+    config: Config
+    vae_config: Config
+    text_embed_dim: int | None
+    size_on_disk: int | None
+    unet_factory: Callable[[torch.device, torch.dtype], torch.nn.Module]
+
+
+def _text_embed_dim(configs: dict[str, Config], family: Family) -> int | None:
+    """Width of SDXL's pooled text embedding (the second text encoder's projection)."""
+    if configs.get("text_encoder_2"):
+        return int(
+            configs["text_encoder_2"].get("projection_dim") or configs["text_encoder_2"]["hidden_size"]
+        )
+    for spec in family.text_encoders:
+        if spec.component == "text_encoder_2":
+            return int(spec.config.get("projection_dim") or spec.config["hidden_size"])
+    return None
+
+
+@torch.no_grad()
+def random_unet(config: Config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A U-Net of this config with random weights, allocated once, on `device`, in `dtype`.
+
+    Norm layers get ones and zeros, other weights N(0, 1/fan_in), so activations
+    stay finite in fp16 (speed does not depend on the values, but NaNs and
+    denormals can).
+    """
+    from sdcompress.checkpoint.instantiate import module_from_config
+
+    unet = module_from_config("unet", config).to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for module in unet.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, norms) and name == "weight":
+                p.fill_(1)
+            elif name == "bias" or p.dim() < 2:
+                p.zero_()
+            else:
+                fan_in = p[0].numel()
+                p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
+    for name, buf in unet.named_buffers():
+        if buf.is_floating_point():
+            raise SdcError(f"the U-Net has a buffer {name} that random init does not know; this is a bug.")
+    return unet.eval()
+
+
+def _arch_subject(name: str, teacher: str | None, seed: int) -> _Subject:
+    """A family or preset name, measured with random weights."""
+    if name.lower() in FAMILIES or name.lower() in ("sd15", "sd1.5", "sd21", "sd2.1", "sd2-base"):
+        family = get_family(name)
+        config, preset = dict(family.unet), None
+    else:
+        try:
+            preset_obj = get_preset(name)
+        except SdcError:
+            raise SdcError(
+                f"{name!r} is neither a family nor a preset; with --random-weights use one of "
+                f"{', '.join(FAMILIES)}, {', '.join(PRESETS)}."
+            ) from None
+        family = get_family(teacher or preset_obj.topologies[0])
+        config, preset = preset_for_family(name, family).student_config(family.unet), preset_obj.name
+    configs = {t.component: t.config for t in family.text_encoders}
+    return _Subject(
+        ref=name,
+        family=family,
+        preset=preset,
+        config=config,
+        vae_config=family.vae,
+        text_embed_dim=_text_embed_dim(configs, family),
+        size_on_disk=None,
+        unet_factory=lambda device, dtype: random_unet(config, device, dtype, seed),
+    )
+
+
+def _disk_size(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
+    from sdcompress.checkpoint.instantiate import build_module
+    from sdcompress.checkpoint.resolve import load_model
+
+    model = load_model(ref, allow_pickle=allow_pickle)
+    return _Subject(
+        ref=ref,
+        family=model.family,
+        preset=model.preset,
+        config=dict(model.configs["unet"]),
+        vae_config=model.configs.get("vae") or model.family.vae,
+        text_embed_dim=_text_embed_dim(model.configs, model.family),
+        size_on_disk=_disk_size(model.path),
+        unet_factory=lambda device, dtype: build_module(model, "unet", dtype=dtype, device=str(device)),
+    )
+
+
+def _teacher_for(name: str, req: BenchRequest) -> str | None:
+    """With random weights, presets apply to --teacher, else to the first model when it is a fitting family
+    (`bench tiny-sd bk-small --random-weights`), else to the preset's own teacher family."""
+    if req.teacher:
+        return req.teacher
+    first = req.models[0].lower()
+    if first not in FAMILIES or name.lower() == first or name.lower() not in PRESETS:
+        return None
+    return first if get_family(first).topology in get_preset(name).topologies else None
+
+
+def _subjects(req: BenchRequest) -> list[_Subject]:
+    if req.random_weights:
+        return [_arch_subject(name, _teacher_for(name, req), req.seed) for name in req.models]
+    return [_model_subject(ref, req.allow_pickle) for ref in req.models]
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def latent_size(subject: _Subject, resolution: int) -> int:
+    scale = 2 ** (len(subject.vae_config["block_out_channels"]) - 1)
+    levels = len(subject.config["block_out_channels"])
+    multiple = scale * 2 ** (levels - 1)
+    if resolution <= 0 or resolution % multiple:
+        raise SdcError(
+            f"--resolution {resolution} does not suit {subject.ref} ({levels} U-Net levels, VAE factor "
+            f"{scale}); use a multiple of {multiple}."
+        )
+    return resolution // scale
+
+
+def unet_inputs(
+    config: Config,
+    batch: int,
+    latent: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    text_embed_dim: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The arguments a pipeline hands the U-Net at one denoising step, shaped by its config."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    cross = config["cross_attention_dim"]
+    cross = cross[0] if isinstance(cross, list | tuple) else cross
+    inputs: dict[str, Any] = {
+        "sample": randn(batch, config.get("in_channels", 4), latent, latent),
+        "timestep": torch.full((batch,), 500, device=device, dtype=torch.long),
+        "encoder_hidden_states": randn(batch, TEXT_TOKENS, cross),
+    }
+    if config.get("addition_embed_type") == "text_time":
+        time_dim = config["addition_time_embed_dim"]
+        total = config["projection_class_embeddings_input_dim"]
+        text_dim = text_embed_dim if text_embed_dim is not None else total - 6 * time_dim
+        n_ids = (total - text_dim) // time_dim
+        if text_dim + n_ids * time_dim != total:
+            raise SdcError(
+                f"cannot build SDXL conditioning for this U-Net: {total} is not {text_dim} + k x {time_dim}."
+            )
+        size = float(latent * 8)
+        ids = [size, size, 0.0, 0.0, size, size][:n_ids] if n_ids <= 6 else [size] * n_ids
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": randn(batch, text_dim),
+            "time_ids": torch.tensor([ids] * batch, device=device, dtype=dtype),
+        }
+    return inputs
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+class _RssSampler:
+    """Peak resident memory of this process, sampled by a thread (the CPU has no allocator counter)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.baseline = self._proc.memory_info().rss
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(RSS_SAMPLE_S)
+
+    def start(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def reset_peak(self) -> None:
+        self.peak = self._proc.memory_info().rss
+
+    def peak_delta(self) -> int:
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return max(0, self.peak - self.baseline)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+@torch.inference_mode()
+def time_steps(
+    unet: torch.nn.Module, inputs: dict[str, Any], steps: int, warmup: int, device: torch.device
+) -> float:
+    """Seconds for `steps` U-Net forwards after `warmup` untimed ones."""
+    for _ in range(warmup):
+        unet(**inputs)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        unet(**inputs)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _measure_model(
+    subject: _Subject,
+    req: BenchRequest,
+    device: torch.device,
+    dtype: torch.dtype,
+    report: Callable[[str], None],
+) -> ModelBench:
+    resolution = req.resolution or subject.family.resolution
+    latent = latent_size(subject, resolution)
+    gc.collect()
+    sampler = _RssSampler().start() if device.type == "cpu" else None
+    try:
+        report(f"{subject.ref}: building the U-Net on {device}")
+        unet = subject.unet_factory(device, dtype)
+        params = sum(p.numel() for p in unet.parameters())
+        bench = ModelBench(
+            ref=subject.ref,
+            family=subject.family.name,
+            preset=subject.preset,
+            random_weights=req.random_weights,
+            parameters=params,
+            size_on_disk=subject.size_on_disk,
+            weights_bytes=sum(p.numel() * p.element_size() for p in unet.parameters()),
+            resolution=resolution,
+            latent_size=latent,
+        )
+        for batch in req.batch_sizes:
+            unet_batch = batch * (2 if req.cfg else 1)
+            report(f"{subject.ref}: batch {batch} ({unet_batch} in the U-Net), {req.steps} steps")
+            bench.results.append(
+                _measure_batch(unet, subject, req, batch, unet_batch, latent, device, dtype, sampler)
+            )
+        del unet
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return bench
+
+
+def _measure_batch(
+    unet: torch.nn.Module,
+    subject: _Subject,
+    req: BenchRequest,
+    batch: int,
+    unet_batch: int,
+    latent: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    sampler: _RssSampler | None,
+) -> BatchResult:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    elif sampler is not None:
+        sampler.reset_peak()
+    try:
+        inputs = unet_inputs(
+            subject.config, unet_batch, latent, device, dtype, subject.text_embed_dim, req.seed
+        )
+        seconds = time_steps(unet, inputs, req.steps, req.warmup, device)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        if not _is_oom(e):
+            raise
+        return BatchResult(batch, unet_batch, None, None, None, None, error="out of memory")
+    finally:
+        inputs = None  # free the batch before the next one
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sampler.peak_delta()
+    sps = req.steps / seconds
+    return BatchResult(batch, unet_batch, sps, 1000.0 / sps, sps * batch, int(peak))
+
+
+def _speedups(models: list[ModelBench]) -> None:
+    base = {r.batch_size: r.steps_per_s for r in models[0].results}
+    for m in models:
+        for r in m.results:
+            b = base.get(r.batch_size)
+            r.speedup = r.steps_per_s / b if (r.steps_per_s and b) else None
+
+
+def _check(req: BenchRequest) -> None:
+    if not req.models:
+        raise SdcError("name at least one model to bench.")
+    if not req.batch_sizes or any(b < 1 for b in req.batch_sizes):
+        raise SdcError("--batch-sizes must be positive integers, e.g. 1,4,8.")
+    if req.steps < 1 or req.warmup < 0:
+        raise SdcError("--steps must be at least 1 and --warmup at least 0.")
+
+
+def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -> BenchResult:
+    report = on_progress or (lambda message: None)
+    _check(req)
+    device = resolve_device(req.device)
+    dtype = resolve_dtype(req.dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
+    subjects = _subjects(req)
+    for s in subjects:  # fail on a bad resolution before measuring anything
+        latent_size(s, req.resolution or s.family.resolution)
+    models = [_measure_model(s, req, device, dtype, report) for s in subjects]
+    _speedups(models)
+    notes = []
+    if device.type == "cpu":
+        notes.append(
+            "CPU: peak memory is the growth of resident memory from before the U-Net was built "
+            f"(weights + activations), sampled every {RSS_SAMPLE_S * 1000:.0f} ms."
+        )
+    if req.random_weights:
+        notes.append("random weights: speed and memory of the architecture; no checkpoint was read.")
+    return BenchResult(
+        device=str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+        dtype=str(dtype).removeprefix("torch."),
+        cfg=req.cfg,
+        steps=req.steps,
+        warmup=req.warmup,
+        memory_kind="cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_delta",
+        baseline=models[0].ref,
+        models=models,
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------- plot
+
+
+def plot(result: BenchResult, path: Path, *, overwrite: bool = False) -> None:
+    """A grouped bar chart of steps/s per batch size, drawn with Pillow (a dependency already;
+    matplotlib is not, and a bar chart does not need it)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    batches = [r.batch_size for r in result.models[0].results]
+    width, height, left, bottom, top = 900, 520, 70, 60, 90
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=14)
+    small = ImageFont.load_default(size=11)
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
+    values = [r.steps_per_s or 0.0 for m in result.models for r in m.results]
+    vmax = max(values + [1e-9]) * 1.15
+    plot_h = height - top - bottom
+    draw.text(
+        (left, 15),
+        f"U-Net denoising steps/s ({result.device}, {result.dtype}, CFG {'on' if result.cfg else 'off'})",
+        fill="black",
+        font=font,
+    )
+    for i, m in enumerate(result.models):  # legend
+        x = left + i * 200
+        draw.rectangle([x, 45, x + 14, 59], fill=colors[i % len(colors)])
+        draw.text((x + 20, 45), f"{m.ref} ({m.resolution}px)"[:28], fill="black", font=small)
+    draw.line([left, top, left, height - bottom], fill="black")
+    draw.line([left, height - bottom, width - 20, height - bottom], fill="black")
+    for k in range(5):
+        v = vmax * k / 4
+        y = height - bottom - plot_h * k / 4
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((5, y - 7), f"{v:.3g}", fill="black", font=small)
+    group_w = (width - 20 - left) / len(batches)
+    bar_w = group_w * 0.8 / len(result.models)
+    for g, batch in enumerate(batches):
+        gx = left + g * group_w + group_w * 0.1
+        draw.text((gx + group_w * 0.3, height - bottom + 8), f"batch {batch}", fill="black", font=font)
+        for i, m in enumerate(result.models):
+            r = next((r for r in m.results if r.batch_size == batch), None)
+            if r is None:
+                continue
+            x0 = gx + i * bar_w
+            label = "OOM" if r.steps_per_s is None else f"{r.steps_per_s:.3g}"
+            h = plot_h * (r.steps_per_s or 0.0) / vmax
+            draw.rectangle(
+                [x0, height - bottom - h, x0 + bar_w - 3, height - bottom], fill=colors[i % len(colors)]
+            )
+            if r.speedup is not None and i > 0:
+                label += f" ({r.speedup:.2f}x)"
+            draw.text((x0, height - bottom - h - 15), label, fill="black", font=small)
+    from sdcompress.checkpoint.atomic import atomic_file
+
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        img.save(tmp, format="PNG")
