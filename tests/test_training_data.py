@@ -111,7 +111,9 @@ def test_buckets_crop_and_flip(tmp_path):
     (tmp_path / "wide.txt").write_text("wide")
     Image.new("RGB", (64, 64), "blue").save(tmp_path / "square.png")
     (tmp_path / "square.txt").write_text("square")
-    dataset, _ = build_dataset(DataConfig(data_dir=tmp_path, resolution=64, buckets=True, bucket_step=16), seed=0)
+    dataset, _ = build_dataset(
+        DataConfig(data_dir=tmp_path, resolution=64, buckets=True, bucket_step=16), seed=0
+    )
     by_name = {r.source.rsplit("/", 1)[-1]: t for r, t in zip(dataset.records, dataset.targets, strict=True)}
     assert by_name["square.png"] == (64, 64)
     h, w = by_name["wide.png"]
@@ -132,7 +134,9 @@ def test_buckets_crop_and_flip(tmp_path):
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     data = write_demo_dataset(tmp_path / "d", 4, size=48)
-    config = DataConfig(data_dir=data, resolution=32, center_crop=False, random_flip=True, caption_dropout=0.5)
+    config = DataConfig(
+        data_dir=data, resolution=32, center_crop=False, random_flip=True, caption_dropout=0.5
+    )
     d1, _ = build_dataset(config, seed=7)
     d2, _ = build_dataset(config, seed=7)
     for key in [(0, 0), (1, 0), (1, 3)]:

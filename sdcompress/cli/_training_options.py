@@ -13,7 +13,14 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from sdcompress.errors import SdcError
 from sdcompress.training.data import DataConfig
@@ -33,9 +40,12 @@ def _opt(*names: str, help: str, panel: str, **kwargs: Any) -> Any:
 
 
 # -- data
-Data = Annotated[Path | None, _opt("--data", help="Folder of images with .txt captions or metadata.jsonl.", panel=_DATA)]
+Data = Annotated[
+    Path | None, _opt("--data", help="Folder of images with .txt captions or metadata.jsonl.", panel=_DATA)
+]
 DatasetName = Annotated[
-    str | None, _opt("--dataset-name", help="Hugging Face dataset id (needs `datasets`, online).", panel=_DATA)
+    str | None,
+    _opt("--dataset-name", help="Hugging Face dataset id (needs `datasets`, online).", panel=_DATA),
 ]
 DatasetSplit = Annotated[str, _opt("--dataset-split", help="Split of --dataset-name.", panel=_DATA)]
 ImageColumn = Annotated[str, _opt("--image-column", help="Image column of --dataset-name.", panel=_DATA)]
@@ -43,15 +53,20 @@ CaptionColumn = Annotated[
     str, _opt("--caption-column", help="Caption column (dataset or metadata.jsonl).", panel=_DATA)
 ]
 CaptionExtension = Annotated[str, _opt("--caption-extension", help="Sidecar caption suffix.", panel=_DATA)]
-Resolution = Annotated[int | None, _opt("--resolution", help="Training resolution (default: the model's).", panel=_DATA)]
+Resolution = Annotated[
+    int | None, _opt("--resolution", help="Training resolution (default: the model's).", panel=_DATA)
+]
 RandomCrop = Annotated[bool, _opt("--random-crop", help="Random instead of center crops.", panel=_DATA)]
 RandomFlip = Annotated[bool, _opt("--random-flip", help="Flip half of the images horizontally.", panel=_DATA)]
 CaptionDropout = Annotated[
     float, _opt("--caption-dropout", help="Fraction of captions replaced by the empty caption.", panel=_DATA)
 ]
-Buckets = Annotated[bool, _opt("--buckets", help="Aspect-ratio buckets instead of square crops.", panel=_DATA)]
+Buckets = Annotated[
+    bool, _opt("--buckets", help="Aspect-ratio buckets instead of square crops.", panel=_DATA)
+]
 RequireCaptions = Annotated[
-    bool, _opt("--require-captions", help="Refuse images without a caption (default: empty caption).", panel=_DATA)
+    bool,
+    _opt("--require-captions", help="Refuse images without a caption (default: empty caption).", panel=_DATA),
 ]
 CacheLatents = Annotated[
     bool, _opt("--cache-latents", help="Encode each image once (needs center crop, no flip).", panel=_DATA)
@@ -79,7 +94,9 @@ Seed = Annotated[int, _opt("--seed", help="Seed for data order, augmentation and
 Cpu = Annotated[bool, _opt("--cpu", help="Train on the CPU even when a GPU is present.", panel=_OPT)]
 
 # -- loss
-SnrGamma = Annotated[float | None, _opt("--snr-gamma", help="Min-SNR weighting gamma (5 is usual).", panel=_LOSS)]
+SnrGamma = Annotated[
+    float | None, _opt("--snr-gamma", help="Min-SNR weighting gamma (5 is usual).", panel=_LOSS)
+]
 NoiseOffset = Annotated[float, _opt("--noise-offset", help="Noise offset (0.05-0.1 is usual).", panel=_LOSS)]
 PredictionType = Annotated[
     str | None, _opt("--prediction-type", help="epsilon or v_prediction (default: the model's).", panel=_LOSS)
@@ -87,24 +104,33 @@ PredictionType = Annotated[
 
 # -- run state
 WorkDir = Annotated[
-    Path | None, _opt("--work-dir", help="Checkpoints, validation grids, logs (default: OUTPUT.train).", panel=_RUN)
+    Path | None,
+    _opt("--work-dir", help="Checkpoints, validation grids, logs (default: OUTPUT.train).", panel=_RUN),
 ]
-CheckpointEvery = Annotated[int, _opt("--checkpoint-every", help="Save a checkpoint every N steps.", panel=_RUN)]
-KeepCheckpoints = Annotated[int, _opt("--keep-checkpoints", help="Keep the last K checkpoints (0: all).", panel=_RUN)]
+CheckpointEvery = Annotated[
+    int, _opt("--checkpoint-every", help="Save a checkpoint every N steps.", panel=_RUN)
+]
+KeepCheckpoints = Annotated[
+    int, _opt("--keep-checkpoints", help="Keep the last K checkpoints (0: all).", panel=_RUN)
+]
 Resume = Annotated[str | None, _opt("--resume", help="latest or a checkpoint folder.", panel=_RUN)]
 Ema = Annotated[bool, _opt("--ema", help="Keep an EMA of the weights and save it.", panel=_RUN)]
 EmaDecay = Annotated[float, _opt("--ema-decay", help="EMA decay.", panel=_RUN)]
 ValidationPrompt = Annotated[
-    list[str] | None, _opt("--validation-prompt", help="Prompt for validation grids (repeatable).", panel=_RUN)
+    list[str] | None,
+    _opt("--validation-prompt", help="Prompt for validation grids (repeatable).", panel=_RUN),
 ]
 ValidationSeed = Annotated[
     list[int] | None, _opt("--validation-seed", help="Seed per grid column (repeatable).", panel=_RUN)
 ]
-ValidationEvery = Annotated[int, _opt("--validation-every", help="Render the grid every N steps.", panel=_RUN)]
+ValidationEvery = Annotated[
+    int, _opt("--validation-every", help="Render the grid every N steps.", panel=_RUN)
+]
 ValidationSteps = Annotated[int, _opt("--validation-steps", help="Inference steps per image.", panel=_RUN)]
 ReportTo = Annotated[str, _opt("--report-to", help="none, tensorboard or wandb.", panel=_RUN)]
 Config = Annotated[
-    Path | None, _opt("--config", help="TOML file with any of these options; the command line wins.", panel=_RUN)
+    Path | None,
+    _opt("--config", help="TOML file with any of these options; the command line wins.", panel=_RUN),
 ]
 
 

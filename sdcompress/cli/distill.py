@@ -17,7 +17,8 @@ from sdcompress.training.features import FEATURE_MODES
 def distill(
     ctx: typer.Context,
     teacher: Annotated[
-        str | None, typer.Option("--teacher", help="Teacher pipeline: folder, file, hub id or tiny-sd. Required.")
+        str | None,
+        typer.Option("--teacher", help="Teacher pipeline: folder, file, hub id or tiny-sd. Required."),
     ] = None,
     student: Annotated[
         str | None, typer.Option("--student", help="Student U-Net (e.g. a `prune` output). Required.")
@@ -49,7 +50,9 @@ def distill(
     output_weight: Annotated[
         float, typer.Option("--output-weight", help="Weight of MSE(student, teacher output).")
     ] = 1.0,
-    feature_weight: Annotated[float, typer.Option("--feature-weight", help="Weight of the feature MSEs.")] = 1.0,
+    feature_weight: Annotated[
+        float, typer.Option("--feature-weight", help="Weight of the feature MSEs.")
+    ] = 1.0,
     max_steps: T.MaxSteps = 1000,
     epochs: T.Epochs = None,
     batch_size: T.BatchSize = 1,
@@ -103,7 +106,9 @@ def distill(
         train=T.train_config(p, out),
         features=p["features"],
         feature_norm=p["feature_norm"],
-        weights=DistillWeights(task=p["task_weight"], output=p["output_weight"], features=p["feature_weight"]),
+        weights=DistillWeights(
+            task=p["task_weight"], output=p["output_weight"], features=p["feature_weight"]
+        ),
         loss=T.loss_config(p),
         save_dtype=p.get("save_dtype"),
         allow_pickle=p["allow_pickle"],
@@ -113,7 +118,10 @@ def distill(
     if p["json_"]:
         emit_json(result.__dict__ | {"feature_pairs": [fp.to_dict() for fp in result.feature_pairs]})
     else:
-        rows = [(k, f"{result.first_losses.get(k, float('nan')):.4g}", f"{v:.4g}") for k, v in result.last_losses.items()]
+        rows = [
+            (k, f"{result.first_losses.get(k, float('nan')):.4g}", f"{v:.4g}")
+            for k, v in result.last_losses.items()
+        ]
         table("loss terms", ["term", "first step", "last step"], rows, right=["first step", "last step"])
         if result.data.get("unreadable") or result.data.get("missing_captions"):
             note(
@@ -121,7 +129,9 @@ def distill(
                 f"{result.data['missing_captions']} without caption (trained with an empty caption)"
             )
     if result.interrupted:
-        note(f"stopped at step {result.steps}; checkpoint {result.last_checkpoint}; rerun with --resume latest")
+        note(
+            f"stopped at step {result.steps}; checkpoint {result.last_checkpoint}; rerun with --resume latest"
+        )
         raise typer.Exit(130)
     if not p["json_"]:
         success(f"wrote {result.output} ({result.steps} steps, {len(result.feature_pairs)} feature pairs)")

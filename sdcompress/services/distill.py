@@ -80,7 +80,9 @@ def loss_curve(history: list[dict[str, float]], points: int = MAX_CURVE_POINTS) 
     return picked
 
 
-def run_record(request: DistillRequest, teacher, student_config: dict, pairs, summary: TrainingSummary) -> dict:
+def run_record(
+    request: DistillRequest, teacher, student_config: dict, pairs, summary: TrainingSummary
+) -> dict:
     """Everything `push` needs for a model card: provenance, recipe, data and the loss curve."""
     from sdcompress.arch.count import count_unet_config
     from sdcompress.arch.presets import match_preset
