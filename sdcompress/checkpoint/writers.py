@@ -86,7 +86,8 @@ def _model_index(model: Model) -> Config:
             arch = model.configs[spec.component].get("architectures", ["CLIPTextModel"])[0]
             index[spec.component] = ["transformers", arch]
             index[tokenizer_for[spec.component]] = ["transformers", "CLIPTokenizer"]
-    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+    optional = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if fam.is_sdxl else ()
+    for name in optional:
         index.setdefault(name, [None, None])
     index["scheduler"] = ["diffusers", model.configs["scheduler"]["_class_name"]]
     if fam.is_sdxl:
