@@ -1,0 +1,241 @@
+"""`lora train`: peft LoRA / LoHa / LoKr adapters on any pipeline (pruned students included), DreamBooth too.
+
+The run is the shared engine with a `LoraTrainTask`. The output folder holds
+the adapters in the kohya layout (`<name>.safetensors`, `ss_*` metadata
+recording the training options, what A1111 / ComfyUI / diffusers read), the
+PEFT layout (`pytorch_lora_weights.safetensors`) with `fmt="peft"` or both,
+and `sdcompress_run.json`. Plain LoRA goes through the project's one LoRA
+writer; LoHa / LoKr tensors keep their LyCORIS names under kohya (or PEFT)
+module names, streamed by the one safetensors writer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.model import Model
+from sdcompress.checkpoint.safetensors_io import write_safetensors
+from sdcompress.checkpoint.tensors import LazyTensor, StateDict
+from sdcompress.errors import SdcError
+from sdcompress.lowrank.layouts import KOHYA, PEFT, LoraModule, data_hash, kohya_metadata, write_lora
+from sdcompress.lowrank.targets import COMPONENTS, Naming
+from sdcompress.services.finetune import (
+    TrainingRunResult,
+    base_record,
+    build_parts,
+    fit_data,
+    load_trainable,
+    prior_config,
+    run_training,
+)
+from sdcompress.training.data import DataConfig
+from sdcompress.training.engine import ProgressCallback, TrainConfig
+from sdcompress.training.lora_task import AdapterSpec, LoraTrainTask, LycorisModule
+from sdcompress.training.task import LossConfig, TrainingSummary
+
+RUN_RECORD = "sdcompress_run.json"
+PEFT_FILE = "pytorch_lora_weights.safetensors"
+OUTPUT_FORMATS = ("kohya", "peft", "both")
+
+
+@dataclass(frozen=True)
+class DreamBooth:
+    """DreamBooth options: every instance caption becomes `instance_prompt`; class images add a prior term."""
+
+    instance_prompt: str | None = None
+    class_data: Path | None = None
+    class_prompt: str | None = None
+    prior_loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoraTrainRequest:
+    model: str
+    output: Path
+    data: DataConfig
+    train: TrainConfig
+    adapter: AdapterSpec = AdapterSpec()
+    loss: LossConfig = LossConfig()
+    text_encoder_lr: float | None = None
+    dreambooth: DreamBooth = DreamBooth()
+    format: str = "kohya"
+    name: str | None = None  # file stem of the kohya file (default: the output folder's name)
+    save_dtype: str = "fp16"
+    allow_pickle: bool = False
+
+
+def _check(request: LoraTrainRequest) -> None:
+    request.adapter.validate()
+    if request.format not in OUTPUT_FORMATS:
+        raise SdcError(f"unknown --format {request.format!r}; choose one of {', '.join(OUTPUT_FORMATS)}.")
+    if request.text_encoder_lr is not None and request.text_encoder_lr <= 0:
+        raise SdcError("--text-encoder-lr must be positive; fix the option and run again.")
+    db = request.dreambooth
+    if db.class_data is not None and not Path(db.class_data).is_dir():
+        raise SdcError(f"--class-data {db.class_data} is not a folder; give a folder of class images.")
+    if db.class_data is None and db.class_prompt is not None:
+        raise SdcError(
+            "--class-prompt needs --class-data, a folder of class images; add it or drop --class-prompt."
+        )
+    if db.prior_loss_weight < 0:
+        raise SdcError("--prior-loss-weight must be 0 or more.")
+
+
+def naming_for(model: Model) -> Naming:
+    return Naming({c: list(sd) for c, sd in model.components.items()}, sdxl=model.family.is_sdxl)
+
+
+def training_metadata(
+    request: LoraTrainRequest, model: Model, summary: TrainingSummary, data: DataConfig
+) -> dict:
+    """kohya's `ss_*` keys recording how the LoRA was trained, plus `modelspec.*`."""
+    spec, train = request.adapter, request.train
+    conv = spec.targets == "all"
+    meta = kohya_metadata(
+        family=model.family,
+        title=request.name or request.output.name,
+        rank=spec.rank,
+        conv_rank=spec.rank if conv else None,
+        alpha=spec.lora_alpha,
+        prediction_type=request.loss.noise.prediction_type or model.prediction_type,
+        resolution=data.resolution,
+    )
+    if spec.type != "lora":
+        args = {
+            "algo": spec.type,
+            **({"conv_dim": str(spec.rank), "conv_alpha": str(spec.lora_alpha)} if conv else {}),
+        }
+        meta |= {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
+    db = request.dreambooth
+    meta |= {
+        "ss_sd_model_name": request.model,
+        "ss_output_name": request.name or request.output.name,
+        "ss_network_dropout": str(spec.dropout),
+        "ss_network_targets": spec.targets,
+        "ss_learning_rate": str(train.lr),
+        "ss_unet_lr": str(train.lr),
+        "ss_text_encoder_lr": str(request.text_encoder_lr or train.lr) if spec.text_encoder else "0",
+        "ss_network_train_unet_only": str(not spec.text_encoder),
+        "ss_max_train_steps": str(summary.steps),
+        "ss_steps": str(summary.steps),
+        "ss_epoch": str(summary.epoch),
+        "ss_train_batch_size": str(train.batch_size),
+        "ss_gradient_accumulation_steps": str(train.grad_accum),
+        "ss_lr_scheduler": train.lr_scheduler,
+        "ss_lr_warmup_steps": str(train.warmup_steps),
+        "ss_optimizer": train.optimizer,
+        "ss_mixed_precision": train.mixed_precision,
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        "ss_seed": str(train.seed),
+        "ss_min_snr_gamma": str(request.loss.snr_gamma),
+        "ss_noise_offset": str(request.loss.noise.offset),
+        "ss_resolution": f"({data.resolution}, {data.resolution})",
+        "ss_enable_bucket": str(data.buckets),
+        "ss_num_train_images": str(summary.data.get("images", 0)),
+        "ss_prior_loss_weight": str(db.prior_loss_weight if db.class_data else 0.0),
+        "ss_instance_prompt": db.instance_prompt or "",
+        "ss_class_prompt": db.class_prompt or "",
+        "ss_training_comment": "trained with sdcompress lora train",
+    }
+    return meta
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _lazy(t: torch.Tensor, dtype: torch.dtype) -> LazyTensor:
+    return LazyTensor.of(t.detach().to(dtype).contiguous())
+
+
+def lycoris_state_dict(
+    modules: list[LycorisModule], naming: Naming, fmt: str, dtype: torch.dtype
+) -> StateDict:
+    """LoHa / LoKr tensors under kohya names (`lora_unet_..hada_w1_a`) or PEFT names (`unet.<path>.hada_w1_a`).
+
+    The LoRA writer in `lowrank.layouts` writes up/down pairs only; these
+    adapters have other factors, so their state dict is built here with the same
+    module naming and written by the same safetensors writer.
+    """
+    sd: StateDict = {}
+    order = sorted(modules, key=lambda m: (COMPONENTS.index(m.target.component), m.target.path))
+    for m in order:
+        name = naming.kohya(m.target) if fmt == KOHYA else naming.peft(m.target)
+        sd[f"{name}.alpha"] = _lazy(torch.tensor(m.alpha), dtype)
+        for suffix, tensor in sorted(m.tensors.items()):
+            sd[f"{name}.{suffix}"] = _lazy(tensor, dtype)
+    return sd
+
+
+def write_adapters(
+    out: Path, stem: str, modules: list, naming: Naming, fmt: str, dtype: torch.dtype, meta: dict[str, str]
+) -> list[Path]:
+    files = []
+    for layout in (KOHYA, PEFT) if fmt == "both" else (fmt,):
+        path = out / (f"{stem}.safetensors" if layout == KOHYA else PEFT_FILE)
+        if modules and isinstance(modules[0], LoraModule):
+            extra = meta if layout == KOHYA else {"sdcompress_training": json.dumps(meta)}
+            write_lora(path, modules, naming, fmt=layout, dtype=dtype, metadata=extra, overwrite=True)
+        else:
+            sd = lycoris_state_dict(modules, naming, layout, dtype)
+            header = (
+                dict(meta) if layout == KOHYA else {"format": "pt", "sdcompress_training": json.dumps(meta)}
+            )
+            if layout == KOHYA:
+                header["sshs_model_hash"] = data_hash(sd)
+            write_safetensors(path, sd, header, overwrite=True)
+        files.append(path)
+    return files
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def lora_train(request: LoraTrainRequest, progress: ProgressCallback | None = None) -> TrainingRunResult:
+    """Run (or resume) LoRA training and write the adapter file(s)."""
+    from sdcompress.devices import resolve_dtype
+
+    output = check_output(request.output, overwrite=request.train.overwrite)
+    request.train.validate()
+    _check(request)
+    model = load_trainable(request.model, request.allow_pickle)
+    data = fit_data(request.data, model)
+    db = request.dreambooth
+    prior = prior_config(db.class_data, data, db.class_prompt, db.prior_loss_weight)
+    naming = naming_for(model)
+    save_dtype = resolve_dtype(request.save_dtype)
+    stem = request.name or output.name
+    written: list[Path] = []
+
+    def save(task: LoraTrainTask, out: Path, summary: TrainingSummary) -> None:
+        meta = training_metadata(request, model, summary, data)
+        modules = task.export()
+        files = write_adapters(out, stem, modules, naming, request.format, save_dtype, meta)
+        record = base_record("lora train", model, request.model, summary)
+        record |= {
+            "adapter": asdict(request.adapter),
+            "adapted_modules": task.adapted_count(),
+            "text_encoder_lr": request.text_encoder_lr,
+            "dreambooth": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(db).items()},
+            "files": [f.name for f in files],
+        }
+        (out / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        written[:] = [output / f.name for f in files]
+
+    task = LoraTrainTask(
+        build_parts(model),
+        request.loss,
+        request.adapter,
+        text_encoder_lr=request.text_encoder_lr,
+        instance_prompt=db.instance_prompt,
+        prior=prior,
+        seed=request.train.seed,
+        saver=save,
+    )
+    result = run_training(task, replace(request.train, output_dir=output), data, progress)
+    result.files = list(written)
+    return result
