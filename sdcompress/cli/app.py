@@ -51,6 +51,10 @@ def _register() -> None:
 
     app.command("extract-lora")(extract.extract_lora)
     app.command("merge")(merge.merge)
+    from sdcompress.cli import finetune, lora
+
+    app.command("finetune")(finetune.finetune)
+    app.add_typer(lora.app, name="lora")
     from sdcompress.cli import bench, push
 
     app.command("push")(push.push)
