@@ -27,22 +27,22 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def _render(result: BenchResult) -> None:
-    memory = "peak VRAM" if result.memory_kind == "cuda_max_allocated" else "peak RSS delta"
+    memory = "peak VRAM" if result.memory_kind == "cuda_max_allocated" else "peak RSS"
     table(
         f"Models ({result.device}, {result.dtype})",
-        ["model", "family", "preset", "U-Net parameters", "size on disk", "weights in memory"],
+        ["model", "family", "preset", "U-Net params", "on disk", "in memory"],
         [
             (
                 m.ref,
                 m.family,
                 m.preset or "",
                 human_count(m.parameters),
-                human_bytes(m.size_on_disk) if m.size_on_disk is not None else "(random weights)",
+                human_bytes(m.size_on_disk) if m.size_on_disk is not None else "random",
                 human_bytes(m.weights_bytes),
             )
             for m in result.models
         ],
-        right=["U-Net parameters", "size on disk", "weights in memory"],
+        right=["U-Net params", "on disk", "in memory"],
     )
     rows = []
     for m in result.models:
@@ -50,7 +50,7 @@ def _render(result: BenchResult) -> None:
             rows.append(
                 (
                     m.ref,
-                    f"{m.resolution}px",
+                    m.resolution,
                     f"{r.batch_size} ({r.unet_batch})",
                     r.error or _fmt(r.steps_per_s, ".3f"),
                     _fmt(r.ms_per_step, ".1f"),
@@ -61,9 +61,9 @@ def _render(result: BenchResult) -> None:
             )
     table(
         f"Denoising speed ({result.steps} steps after {result.warmup} warm-up, CFG {'on' if result.cfg else 'off'})",
-        ["model", "resolution", "batch (U-Net)", "steps/s", "ms/step", "images/s", "speedup", memory],
+        ["model", "px", "batch (U-Net)", "steps/s", "ms/step", "img/s", "speedup", memory],
         rows,
-        right=["steps/s", "ms/step", "images/s", "speedup", memory],
+        right=["px", "steps/s", "ms/step", "img/s", "speedup", memory],
     )
     for n in result.notes:
         note(n)

@@ -89,6 +89,7 @@ class BenchResult:
     memory_kind: str  # "cuda_max_allocated" | "cpu_peak_rss_delta"
     baseline: str
     models: list[ModelBench]
+    cpu_threads: int | None = None  # torch intra-op threads, when measured on the CPU
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,7 +133,13 @@ def random_unet(config: Config, device: torch.device, dtype: torch.dtype, seed: 
     """
     from sdcompress.checkpoint.instantiate import module_from_config
 
-    unet = module_from_config("unet", config).to_empty(device=device).to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in `dtype` on meta: no cast, no fp32 copy
+    try:
+        unet = module_from_config("unet", config)
+    finally:
+        torch.set_default_dtype(previous)
+    unet = unet.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
     for module in unet.modules():
@@ -453,6 +460,7 @@ def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -
         memory_kind="cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_delta",
         baseline=models[0].ref,
         models=models,
+        cpu_threads=torch.get_num_threads() if device.type == "cpu" else None,
         notes=notes,
     )
 
