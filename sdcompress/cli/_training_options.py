@@ -11,7 +11,6 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.progress import (
     BarColumn,
@@ -151,7 +150,7 @@ def read_config_file(path: Path, command: str) -> dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in merged.items()}
 
 
-def with_config_file(ctx: click.Context, command: str) -> dict[str, Any]:
+def with_config_file(ctx: Any, command: str) -> dict[str, Any]:
     """The command's parameters, with values from `--config` where the command line gave none."""
     params = dict(ctx.params)
     path = params.get("config")
@@ -161,12 +160,14 @@ def with_config_file(ctx: click.Context, command: str) -> dict[str, Any]:
     for key, value in read_config_file(path, command).items():
         if key not in by_name or key == "config":
             raise SdcError(f"config file {path} has an unknown option {key!r}; remove it or fix its name.")
-        if ctx.get_parameter_source(key) == click.core.ParameterSource.COMMANDLINE:
+        source = ctx.get_parameter_source(key)
+        if source is not None and source.name == "COMMANDLINE":  # by name: typer may vendor its own click
             continue
         try:
-            params[key] = by_name[key].type_cast_value(ctx, value)
-        except click.BadParameter as exc:
-            raise SdcError(f"config file {path}: option {key!r} has a bad value ({exc.message}).") from exc
+            params[key] = by_name[key].process_value(ctx, value)
+        except Exception as exc:  # the parameter's own conversion error, whichever click raised it
+            message = getattr(exc, "message", str(exc))
+            raise SdcError(f"config file {path}: option {key!r} has a bad value ({message}).") from exc
     return params
 
 

@@ -137,10 +137,9 @@ def _load(request: DistillRequest):
 
 def distill(request: DistillRequest, progress: ProgressCallback | None = None) -> DistillResult:
     """Run (or resume) a distillation and write the distilled pipeline."""
+    from sdcompress.checkpoint.instantiate import build_module, build_pipeline
     from sdcompress.checkpoint.tensors import lazy_state_dict
     from sdcompress.checkpoint.writers import save_diffusers
-
-    from sdcompress.checkpoint.instantiate import build_module, build_pipeline
 
     output = check_output(request.output, overwrite=request.train.overwrite)
     request.train.validate()
