@@ -47,6 +47,9 @@ def _register() -> None:
 
     app.command("info")(info.info)
     app.command("convert")(convert.convert)
+    from sdcompress.cli import distill
+
+    app.command("distill")(distill.distill)
     from sdcompress.cli import extract, merge
 
     app.command("extract-lora")(extract.extract_lora)
