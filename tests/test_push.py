@@ -26,25 +26,49 @@ def student_folder(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("push") / "student"
     shutil.copytree(tiny_model_path("tiny-sd"), folder)
+    # the records as `prune` and `distill` write them (sdcompress/services/prune.py, distill.run_record)
     (folder / "sdcompress_prune.json").write_text(
         json.dumps(
             {
+                "sdcompress": "0.1.0",
                 "teacher": "SD15",
+                "family": "sd1",
                 "preset": "bk-small",
-                "removed_blocks": ["mid_block", "down_blocks.0.resnets.1"],
-                "parameters": {"before": {"unet": 859520964}, "after": {"unet": 482346692}},
+                "select": "none",
+                "parameters": {"teacher": 859520964, "student": 482346692},
+                "stages": [{"stage": "mid_block", "teacher": 97038080, "student": 0}],
+                "transformer_blocks": {"teacher": 16, "student": 11},
+                "removed": [
+                    {"block": "mid_block", "score": None, "reason": "structure"},
+                    {
+                        "block": "down_blocks.0.attentions.1.transformer_blocks.0",
+                        "score": None,
+                        "reason": "structure",
+                    },
+                ],
             }
         )
     )
-    losses = [{"step": s, "loss": 1.0 / s, "lr": 1e-4} for s in range(1, 41)]
+    curve = [
+        {"step": s, "loss": 1.0 / s, "task": 0.5 / s, "features": 0.25 / s, "lr": 1e-4} for s in range(1, 41)
+    ]
     (folder / "sdcompress_run.json").write_text(
         json.dumps(
             {
-                "kind": "distill",
+                "tool": "sdcompress",
+                "command": "distill",
                 "teacher": "SD15",
+                "student": "bk-small/",
+                "preset": "bk-small",
+                "teacher_unet_parameters": 859520964,
+                "student_unet_parameters": 482346692,
                 "steps": 40,
-                "options": {"learning_rate": 1e-4, "batch_size": 4, "feature_weight": 1.0},
-                "loss_history": losses,
+                "epoch": 1,
+                "loss_weights": {"task": 1.0, "output": 1.0, "features": 1.0},
+                "feature_pairs": [{"teacher": "up_blocks.0", "student": "up_blocks.0"}],
+                "options": {"learning_rate": 1e-4, "batch_size": 4},
+                "data": {"images": 16},
+                "loss_curve": curve,
             }
         )
     )
@@ -147,11 +171,15 @@ def test_push_folder_end_to_end(cli, hub, student_folder, monkeypatch):
     assert meta["license"] == "apache-2.0"  # tiny models are sdcompress's own random weights
     assert {"sdcompress", "pruned", "distillation", "bk-small"} <= set(meta["tags"])
     # lineage: teacher, preset, removed blocks, counts before/after, options, loss curve, sample grid
-    assert "`SD15`" in readme and "bk-small" in readme
-    assert "`mid_block`" in readme
-    assert "859,520,964" in readme and "482,346,692" in readme
-    assert '"feature_weight": 1.0' in readme
-    assert "40 logged steps" in readme and "| 40 | 0.025 |" in readme
+    assert "`SD15`" in readme and "| preset | `bk-small` |" in readme
+    assert "removed blocks | 2: `mid_block`, `down_blocks.0.attentions.1.transformer_blocks.0`" in readme
+    assert "859,520,964 → 482,346,692 (-43.9%)" in readme
+    assert "| transformer blocks (teacher → student) | 16 → 11 (-31.2%) |" in readme
+    assert "| mid_block | 97,038,080 | 0 |" in readme
+    assert '"learning_rate": 0.0001' in readme and '"loss_weights"' in readme
+    assert "feature_pairs" not in readme  # bulky: it stays in the uploaded record
+    assert "### Distillation" in readme and "- steps: 40 (epoch 1)" in readme
+    assert "40 logged steps" in readme and "| 40 | 0.025 | 0.00625 | 0.0125 |" in readme
     assert "![samples](validation/step-00000040.png)" in readme
     assert "| unet | 8,525,412 |" in readme  # counted from the weights by sdcompress.services.info
     assert not hub.unknown, hub.unknown
@@ -262,3 +290,45 @@ def test_pickled_checkpoint_is_refused(cli, hub, tmp_path):
     ckpt.write_bytes(b"not really")
     line = _one_error_line(cli("push", ckpt, "--repo", "me/x", "--endpoint", hub.url))
     assert "convert" in line
+
+
+def test_single_file_dry_run_reads_lineage_from_metadata(cli, tmp_path):
+    """A single .safetensors file carries its records in its metadata (`sdcompress.prune` / `sdcompress.run`)."""
+    from sdcompress.checkpoint.resolve import load_model
+    from sdcompress.checkpoint.safetensors_io import write_safetensors
+
+    unet = load_model("tiny-sd").components["unet"]
+    path = tmp_path / "student-unet.safetensors"
+    prune = {"teacher": "stabilityai/stable-diffusion-2-1-base", "preset": "bk-tiny"}
+    write_safetensors(path, unet, {"sdcompress.prune": json.dumps(prune), "sdcompress.run": "{not json"})
+    r = cli("push", path, "--repo", "me/unet", "--dry-run", "--json", "--license", "mit")
+    assert r.code == 0, r
+    result = json.loads(r.stdout)
+    assert result["kind"] == "single-file"
+    assert [f["path"] for f in result["files"]] == ["student-unet.safetensors", "README.md"]
+    assert result["files"][0]["bytes"] == path.stat().st_size
+    meta = _front_matter(result["card"])
+    assert meta["base_model"] == "stabilityai/stable-diffusion-2-1-base" and meta["license"] == "mit"
+    assert {"pruned", "bk-tiny"} <= set(meta["tags"])
+    assert "from_single_file" in result["card"]
+    assert any("sdcompress.run" in n for n in result["notes"])  # a broken record is skipped, and said so
+
+
+def test_card_of_a_real_prune_output(cli, tmp_path):
+    """The record `prune` writes is read as it is: teacher, preset, removed blocks, counts before and after."""
+    from sdcompress.services.prune import PruneRequest, prune
+
+    out = tmp_path / "bk-small"
+    result = prune(PruneRequest(teacher="tiny-sd", output=str(out), preset="bk-small", device="cpu"))
+    r = cli("push", out, "--repo", "me/bk-small", "--dry-run", "--json", "--exclude", "tokenizer/*")
+    assert r.code == 0, r
+    pushed = json.loads(r.stdout)
+    assert not any(f["path"].startswith("tokenizer/") for f in pushed["files"])
+    assert "sdcompress_prune.json" in [f["path"] for f in pushed["files"]]
+    card = pushed["card"]
+    before, after = result.parameters["teacher"], result.parameters["student"]
+    assert f"{before:,} → {after:,}" in card
+    assert "| preset | `bk-small` |" in card and "| teacher | `tiny-sd` |" in card
+    assert f"removed blocks | {len(result.removed)}: `{result.removed[0]['block']}`" in card
+    assert f"| unet | {after:,} |" in card
+    assert {"pruned", "bk-small"} <= set(_front_matter(card)["tags"])

@@ -33,6 +33,7 @@ FAMILY_TAGS = {
     "sdxl": "stable-diffusion-xl",
     "sdxl-refiner": "stable-diffusion-xl",
 }
+RUN_TAGS = {"distill": "distillation", "finetune": "finetuned", "lora": "lora"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LOSS_ROWS = 10
 
@@ -91,10 +92,8 @@ def card_tags(facts: CardFacts) -> list[str]:
     if preset:
         tags.append(preset)
     kind = lineage.run_kind
-    if kind == "distill" or (lineage.run is not None and lineage.prune is not None and kind is None):
-        tags.append("distillation")
-    elif kind:
-        tags.append(kind)
+    if kind:
+        tags.append(RUN_TAGS.get(kind, kind))
     if facts.kind == "lora":
         tags.append("lora")
     return list(dict.fromkeys(tags))
@@ -119,71 +118,130 @@ def _count(n: Any) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
 
+def _before_after(value: Any) -> tuple[Any, Any] | None:
+    """(teacher, student) from `{"teacher": a, "student": b}` (what prune writes) or `{"before", "after"}`."""
+    if not isinstance(value, dict):
+        return None
+    before = value.get("teacher", value.get("before"))
+    after = value.get("student", value.get("after"))
+    return None if before is None or after is None else (before, after)
+
+
+def _change(before: Any, after: Any) -> str:
+    text = f"{_count(before)} → {_count(after)}"
+    b, a = (x.get("unet") if isinstance(x, dict) else x for x in (before, after))
+    if isinstance(b, int | float) and isinstance(a, int | float) and b:
+        text += f" ({(a - b) / b:+.1%})"
+    return text
+
+
+def _removed(prune: dict[str, Any]) -> str | None:
+    removed = prune.get("removed", prune.get("removed_blocks"))
+    if isinstance(removed, int):
+        return f"{removed} transformer blocks"
+    if not isinstance(removed, list) or not removed:
+        n = prune.get("drop_transformer_blocks")
+        return f"{n} transformer blocks" if n else None
+    names = [r.get("block", "?") if isinstance(r, dict) else str(r) for r in removed]
+    shown = ", ".join(f"`{n}`" for n in names[:12])
+    return f"{len(names)}: {shown}" + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+
+
 def _prune_section(prune: dict[str, Any]) -> list[str]:
-    lines = ["### Pruning", ""]
     rows = []
     if prune.get("teacher"):
         rows.append(("teacher", f"`{prune['teacher']}`"))
     if prune.get("preset"):
         rows.append(("preset", f"`{prune['preset']}`"))
-    removed = prune.get("removed_blocks", prune.get("drop_transformer_blocks"))
-    if removed is not None:
-        shown = ", ".join(f"`{b}`" for b in removed) if isinstance(removed, list) else str(removed)
-        rows.append(("removed blocks", shown))
-    params = prune.get("parameters") if isinstance(prune.get("parameters"), dict) else {}
-    before = params.get("before", prune.get("parameters_before"))
-    after = params.get("after", prune.get("parameters_after"))
-    if before is not None:
-        rows.append(("U-Net parameters before", _count(before)))
-    if after is not None:
-        rows.append(("U-Net parameters after", _count(after)))
+    if prune.get("select") not in (None, "none"):
+        rows.append(("block selection", str(prune["select"])))
+    if (removed := _removed(prune)) is not None:
+        rows.append(("removed blocks", removed))
+    params = _before_after(prune.get("parameters"))
+    if params is None and "parameters_before" in prune and "parameters_after" in prune:
+        params = (prune["parameters_before"], prune["parameters_after"])
+    for label, pair in (
+        ("U-Net parameters", params),
+        ("transformer blocks", _before_after(prune.get("transformer_blocks"))),
+        ("U-Net FLOPs per step", _before_after(prune.get("flops_per_step"))),
+    ):
+        if pair is not None:
+            rows.append((f"{label} (teacher → student)", _change(*pair)))
+    if isinstance(prune.get("init_mse"), int | float):
+        rows.append(("output MSE vs teacher before training", f"{prune['init_mse']:.4g}"))
     if not rows:
         return []
-    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    lines = ["### Pruning", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    stages = prune.get("stages")
+    if isinstance(stages, list) and stages and all(isinstance(x, dict) for x in stages):
+        lines += ["| U-Net stage | teacher | student |", "|---|---:|---:|"]
+        lines += [
+            f"| {x.get('stage')} | {_count(x.get('teacher'))} | {_count(x.get('student'))} |" for x in stages
+        ]
+        lines.append("")
     return lines
 
 
-def _loss_table(points: list[tuple[int, float]]) -> list[str]:
-    if not points:
+def _loss_table(curve: list[dict[str, float]]) -> list[str]:
+    if not curve:
         return []
-    stride = max(1, len(points) // LOSS_ROWS)
-    shown = points[::stride]
-    if shown[-1] != points[-1]:
-        shown.append(points[-1])
-    low = min(p[1] for p in points)
+    terms = ["loss"] + sorted({k for e in curve for k in e if k not in ("step", "loss", "lr")})
+    stride = max(1, len(curve) // LOSS_ROWS)
+    shown = curve[::stride]
+    if shown[-1] is not curve[-1]:
+        shown.append(curve[-1])
+    losses = [e["loss"] for e in curve]
     lines = [
-        f"Loss curve ({len(points)} logged steps; first {points[0][1]:.4g}, last {points[-1][1]:.4g}, "
-        f"lowest {low:.4g}):",
+        f"Loss curve ({len(curve)} logged steps; first {losses[0]:.4g}, last {losses[-1]:.4g}, "
+        f"lowest {min(losses):.4g}):",
         "",
-        "| step | loss |",
-        "|---:|---:|",
+        "| step | " + " | ".join(terms) + " |",
+        "|---:|" + "---:|" * len(terms),
     ]
-    return lines + [f"| {s} | {v:.4g} |" for s, v in shown] + [""]
+    for e in shown:
+        cells = [f"{e[t]:.4g}" if isinstance(e.get(t), int | float) else "" for t in terms]
+        lines.append(f"| {e['step']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
-def _run_section(run: dict[str, Any], points: list[tuple[int, float]]) -> list[str]:
-    title = str(run.get("kind") or run.get("task") or "training").capitalize()
-    lines = [f"### {title}", ""]
+RUN_TITLES = {"distill": "Distillation", "finetune": "Fine-tuning", "lora": "LoRA training"}
+# Shown elsewhere in the card, or too bulky for it (the record itself travels with the upload).
+_RUN_SHOWN = {
+    "tool", "version", "command", "kind", "task", "teacher", "base_model", "student", "steps", "max_steps",
+    "epoch", "data", "options", "loss_curve", "loss_history", "feature_pairs", "files", "family",
+    "teacher_family", "preset", "teacher_unet_parameters", "student_unet_parameters",
+}  # fmt: skip
+
+
+def _run_section(run: dict[str, Any], curve: list[dict[str, float]], kind: str | None) -> list[str]:
+    lines = [f"### {RUN_TITLES.get(kind or '', 'Training')}", ""]
     if run.get("teacher"):
         lines.append(f"- teacher: `{run['teacher']}`")
+    if run.get("base_model"):
+        lines.append(f"- base model: `{run['base_model']}`")
+    if "teacher_unet_parameters" in run and "student_unet_parameters" in run:
+        pair = (run["teacher_unet_parameters"], run["student_unet_parameters"])
+        lines.append(f"- U-Net parameters (teacher → student): {_change(*pair)}")
     steps = run.get("steps", run.get("max_steps"))
     if steps is not None:
-        lines.append(f"- steps: {steps}")
+        lines.append(
+            f"- steps: {steps}" + (f" (epoch {run['epoch']})" if run.get("epoch") is not None else "")
+        )
     if isinstance(run.get("data"), dict | str):
-        data = run["data"] if isinstance(run["data"], str) else json.dumps(run["data"], sort_keys=True)
+        data = (
+            run["data"]
+            if isinstance(run["data"], str)
+            else json.dumps(run["data"], sort_keys=True, default=str)
+        )
         lines.append(f"- data: `{data}`")
     lines.append("")
-    options = run.get("options")
-    if isinstance(options, dict) and options:
-        lines += [
-            "Training options:",
-            "",
-            "```json",
-            json.dumps(options, indent=2, sort_keys=True),
-            "```",
-            "",
-        ]
-    return lines + _loss_table(points)
+    settings = {k: v for k, v in run.items() if k not in _RUN_SHOWN and v is not None}
+    options = run.get("options") if isinstance(run.get("options"), dict) else {}
+    for title, block in (("Training options", options), ("Settings", settings)):
+        if block:
+            text = json.dumps(block, indent=2, sort_keys=True, default=str)
+            lines += [f"{title}:", "", "```json", text, "```", ""]
+    return lines + _loss_table(curve)
 
 
 def _usage(facts: CardFacts) -> list[str]:
@@ -264,7 +322,7 @@ def card_body(facts: CardFacts) -> str:
         if lineage.prune:
             lines += _prune_section(lineage.prune)
         if lineage.run:
-            lines += _run_section(lineage.run, lineage.loss_curve())
+            lines += _run_section(lineage.run, lineage.loss_curve(), lineage.run_kind)
     lines += _usage(facts)
     lines += ["## Files", "", "| file | bytes |", "|---|---:|"]
     lines += [f"| `{p}` | {size:,} |" for p, size in facts.files]

@@ -35,40 +35,42 @@ class Lineage:
 
     @property
     def teacher(self) -> str | None:
-        for record in (self.run, self.prune):
-            if record and isinstance(record.get("teacher"), str):
-                return record["teacher"]
+        """The model this one came from: the distillation teacher, else the fine-tuned base, else the pruned teacher."""
+        for record, key in ((self.run, "teacher"), (self.run, "base_model"), (self.prune, "teacher")):
+            if record and isinstance(record.get(key), str):
+                return record[key]
         return None
 
     @property
     def run_kind(self) -> str | None:
-        """distill, finetune or lora (the command that wrote the training record)."""
+        """distill, finetune or lora: the command that wrote the training record ("lora train" -> lora)."""
         if not self.run:
             return None
-        kind = self.run.get("kind") or self.run.get("task") or self.run.get("command")
-        return str(kind) if kind else None
+        kind = self.run.get("command") or self.run.get("kind") or self.run.get("task")
+        return str(kind).split()[0] if kind else None
 
-    def loss_curve(self) -> list[tuple[int, float]]:
-        return loss_points(self.run) if self.run else []
+    def loss_curve(self) -> list[dict[str, float]]:
+        return loss_entries(self.run) if self.run else []
 
 
-def loss_points(run: dict[str, Any]) -> list[tuple[int, float]]:
-    """(step, loss) pairs from `loss_curve` or `loss_history`: numbers, [step, loss] pairs or dicts."""
+def loss_entries(run: dict[str, Any]) -> list[dict[str, float]]:
+    """`{"step", "loss", ...terms}` entries from `loss_curve` (or `loss_history`), read leniently:
+    plain numbers and [step, loss] pairs are accepted too; entries without a numeric loss are skipped."""
     raw = run.get("loss_curve", run.get("loss_history"))
     if not isinstance(raw, list):
         return []
-    points = []
+    entries = []
     for i, item in enumerate(raw, start=1):
-        step, loss = i, None
         if isinstance(item, int | float) and not isinstance(item, bool):
-            loss = item
+            item = {"step": i, "loss": item}
         elif isinstance(item, list | tuple) and len(item) == 2:
-            step, loss = item
-        elif isinstance(item, dict):
-            step, loss = item.get("step", i), item.get("loss")
-        if isinstance(loss, int | float) and isinstance(step, int | float):
-            points.append((int(step), float(loss)))
-    return points
+            item = {"step": item[0], "loss": item[1]}
+        if not isinstance(item, dict) or not isinstance(item.get("loss"), int | float):
+            continue
+        step = item.get("step", i)
+        terms = {k: float(v) for k, v in item.items() if isinstance(v, int | float) and k != "step"}
+        entries.append({"step": int(step) if isinstance(step, int | float) else i, **terms})
+    return entries
 
 
 def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:

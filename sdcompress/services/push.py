@@ -134,7 +134,7 @@ def _is_peft_lora_folder(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file() and not (folder / "model_index.json").is_file()
 
 
-def _inspect(path: Path) -> tuple[_Described, Lineage, list[UploadFile]]:
+def _inspect(path: Path, exclude: tuple[str, ...] = ()) -> tuple[_Described, Lineage, list[UploadFile]]:
     """The path's kind, lineage and files (without the card)."""
     from sdcompress.checkpoint.safetensors_io import SafetensorsFile
     from sdcompress.services.lora_convert import is_lora_file
@@ -145,7 +145,7 @@ def _inspect(path: Path) -> tuple[_Described, Lineage, list[UploadFile]]:
             described = _describe_lora(weights) if weights.is_file() else _Described(kind="lora")
         else:
             described = _describe_model(path, "pipeline")
-        return described, folder_lineage(path), folder_files(path)
+        return described, folder_lineage(path), folder_files(path, exclude)
     if path.suffix != ".safetensors":
         raise SdcError(
             f"{path} is not a .safetensors file or a folder; convert it first with `sdcompress convert` "
@@ -182,7 +182,7 @@ def push(req: PushRequest, on_progress: Callable[[str], None] | None = None) -> 
     token = None if req.dry_run else resolve_token(req.token)
 
     report("reading the model")
-    described, lineage, files = _inspect(path)
+    described, lineage, files = _inspect(path, req.exclude)
     if not files:
         raise SdcError(f"{path} has no files to upload; check the path.")
     notes = described.notes + lineage.notes
