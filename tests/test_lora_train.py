@@ -1,0 +1,229 @@
+"""`lora train` acceptance on tiny models: loss, diffusers loading, merge equivalence, LyCORIS, students, DreamBooth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdcompress.checkpoint.instantiate import build_pipeline
+from sdcompress.checkpoint.resolve import load_model
+from sdcompress.errors import SdcError
+from sdcompress.lowrank.layouts import read_lora
+from sdcompress.services.merge import bake_loras
+from sdcompress.training.data import DataConfig, build_dataset, collate
+from sdcompress.training.demo_data import write_demo_dataset
+from sdcompress.training.engine import TrainConfig
+from sdcompress.training.finetune_task import UNetTrainingTask
+from sdcompress.training.lora_task import AdapterSpec, LoraTrainTask, add_adapters
+from sdcompress.training.task import DiffusionParts, LossConfig
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "shapes", 4, size=RES)
+
+
+def pipeline(model):
+    """A live fp32 pipeline; position_ids left on the meta device get values (diffusers moves encoders)."""
+    pipe = build_pipeline(model, dtype=torch.float32)
+    DiffusionParts.from_pipeline(pipe)
+    return pipe
+
+
+def fixed_loss(pipe, data_dir: Path) -> float:
+    """Diffusion loss of a pipeline on the data with fixed noise and timesteps (seeded per image)."""
+    parts = DiffusionParts.from_pipeline(pipe)
+    task = UNetTrainingTask(parts, LossConfig())
+    dataset, _ = build_dataset(DataConfig(data_dir=data_dir, resolution=RES), 0)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            for s in range(4):
+                batch = collate([dataset[(i, 0)]])
+                total += float(task._loss_of(batch, torch.Generator().manual_seed(100 * i + s)))
+    return total / (4 * len(dataset))
+
+
+def train(tmp: Path, data_dir: Path, model: str = "tiny-sd", steps: int = 4, **kwargs):
+    from sdcompress.services.lora_train import LoraTrainRequest, lora_train
+
+    adapter = kwargs.pop("adapter", AdapterSpec(rank=4, targets="all", text_encoder=True))
+    request = LoraTrainRequest(
+        model=model,
+        output=tmp / "lora",
+        data=DataConfig(data_dir=data_dir, resolution=RES),
+        train=TrainConfig(work_dir=tmp / "work", max_steps=steps, lr=1e-2, checkpoint_every=0, cpu=True),
+        adapter=adapter,
+        **kwargs,
+    )
+    return lora_train(request)
+
+
+@pytest.fixture(scope="module")
+def sd_lora(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("sd-lora")
+    result = train(tmp, data, format="both", save_dtype="fp32")
+    return result
+
+
+def _adapted_layers(pipe) -> int:
+    modules = [pipe.unet, pipe.text_encoder] + (
+        [pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else []
+    )
+    return sum(1 for m in modules for _, sub in m.named_modules() if hasattr(sub, "lora_A") and sub.lora_A)
+
+
+def test_lora_train_lowers_loss_and_loads_in_diffusers(sd_lora, data):
+    kohya, peft_file = sd_lora.files
+    assert kohya.name == "lora.safetensors" and peft_file.name == "pytorch_lora_weights.safetensors"
+    lora = read_lora(kohya)
+    assert lora.layout == "kohya" and lora.metadata["ss_network_dim"] == "4"
+    assert (
+        lora.metadata["ss_max_train_steps"] == "4" and lora.metadata["ss_network_module"] == "networks.lora"
+    )
+    model = load_model("tiny-sd")
+    base = pipeline(model)
+    before = fixed_loss(base, data)
+    pipe = pipeline(model)
+    pipe.load_lora_weights(str(kohya))
+    assert _adapted_layers(pipe) == len(lora.adapters)  # every module in the file became a LoRA layer
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    after = fixed_loss(pipe, data)
+    assert after < before, (before, after)
+    # fused by diffusers == baked by sdcompress merge
+    baked, adapted = bake_loras(model, [(lora, 1.0)])
+    assert adapted == len(lora.adapters)
+    fused = pipe.unet.state_dict()
+    for key, lt in baked.components["unet"].items():
+        torch.testing.assert_close(fused[key], lt.load().float(), atol=1e-5, rtol=1e-4)
+    # the PEFT file holds the same update
+    peft = read_lora(peft_file)
+    assert peft.layout == "peft" and len(peft.adapters) == len(lora.adapters)
+    peft_baked, _ = bake_loras(model, [(peft, 1.0)])
+    for key, lt in peft_baked.components["unet"].items():
+        torch.testing.assert_close(lt.load(), baked.components["unet"][key].load(), atol=1e-6, rtol=1e-5)
+    record = json.loads((kohya.parent / "sdcompress_run.json").read_text())
+    assert record["command"] == "lora train" and record["adapted_modules"] == len(lora.adapters)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_lycoris_outputs_merge_like_peft(tmp_path, kind):
+    """LoHa / LoKr files written from peft adapters bake into the same weights as peft's own merge."""
+    from sdcompress.services.lora_train import naming_for, write_adapters
+
+    model = load_model("tiny-sd")
+    pipe = pipeline(model)
+    spec = AdapterSpec(type=kind, rank=4, alpha=2.0, targets="all")
+    task = LoraTrainTask(DiffusionParts.from_pipeline(pipe), LossConfig(), spec)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    files = write_adapters(tmp_path, "x", task.export(), naming_for(model), "kohya", torch.float32, {})
+    lora = read_lora(files[0])
+    assert lora.layout == "lycoris" and {a.kind for a in lora.adapters.values()} == {kind}
+    baked, adapted = bake_loras(model, [(lora, 1.0)])
+    assert adapted == len(task.paths["unet"])
+    for path in task.paths["unet"]:
+        pipe.unet.get_submodule(path).merge()  # peft's own merge
+    merged = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items()}
+    for key, lt in baked.components["unet"].items():
+        torch.testing.assert_close(lt.load().float(), merged[key], atol=1e-5, rtol=1e-4)
+
+
+def test_sdxl_lora_loads_in_diffusers(tmp_path, data):
+    result = train(tmp_path, data, model="tiny-sdxl", steps=1, adapter=AdapterSpec(rank=4, text_encoder=True))
+    lora = read_lora(result.files[0])
+    assert lora.metadata["ss_base_model_version"].startswith("sdxl")
+    assert any("input_blocks" in n for n in lora.adapters)  # SGM names for the SDXL U-Net, as kohya writes
+    pipe = pipeline(load_model("tiny-sdxl"))
+    pipe.load_lora_weights(str(result.files[0]))
+    assert _adapted_layers(pipe) == len(lora.adapters)
+
+
+def test_lora_on_ssd1b_student_loads_and_merges(tmp_path, data):
+    from sdcompress.arch.presets import preset_config
+    from sdcompress.checkpoint.instantiate import module_from_config
+    from sdcompress.checkpoint.tensors import lazy_state_dict
+    from sdcompress.checkpoint.writers import save_diffusers
+
+    teacher = load_model("tiny-sdxl")
+    config = preset_config("ssd-1b", "tiny-sdxl")
+    unet = module_from_config("unet", config).to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    weights = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in unet.state_dict().items()}
+    save_diffusers(teacher.with_unet(lazy_state_dict(weights), config), tmp_path / "student")
+    result = train(tmp_path, data, model=str(tmp_path / "student"), steps=1, adapter=AdapterSpec(rank=2))
+    student = load_model(str(tmp_path / "student"))
+    lora = read_lora(result.files[0])
+    baked, adapted = bake_loras(student, [(lora, 1.0)])
+    assert adapted == len(lora.adapters) > 0
+    pipe = pipeline(student)
+    pipe.load_lora_weights(str(result.files[0]))
+    assert _adapted_layers(pipe) == len(lora.adapters)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.unet.state_dict()
+    for key, lt in baked.components["unet"].items():
+        torch.testing.assert_close(fused[key], lt.load().float(), atol=1e-3, rtol=1e-3)
+
+
+def test_dreambooth_logs_both_terms(cli, tmp_path, data):
+    classes = write_demo_dataset(tmp_path / "class", 2, size=RES, seed=5)
+    r = cli(
+        "lora", "train", "--model", "tiny-sd", "--data", data, "-o", tmp_path / "db", "--resolution", RES,
+        "--instance-prompt", "a photo of sks shape", "--class-data", classes, "--class-prompt", "a photo of a shape",
+        "--prior-loss-weight", "0.5", "--max-steps", "1", "--rank", "2", "--cpu", "--checkpoint-every", "0",
+        "--num-workers", "0", "--json",
+    )  # fmt: skip
+    assert r.code == 0, r
+    out = json.loads(r.stdout)
+    assert set(out["last_losses"]) == {"loss", "instance", "prior"}
+    terms = out["last_losses"]
+    assert terms["loss"] == pytest.approx(terms["instance"] + 0.5 * terms["prior"], rel=1e-4)
+    meta = read_lora(tmp_path / "db" / "db.safetensors").metadata
+    assert meta["ss_instance_prompt"] == "a photo of sks shape" and meta["ss_prior_loss_weight"] == "0.5"
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _bad(cli, tmp_path, data, *extra):
+    r = cli("lora", "train", "--model", "tiny-sd", "--data", data, "-o", tmp_path / "o", "--resolution", RES,
+            "--max-steps", "1", "--cpu", *extra)  # fmt: skip
+    assert r.code == 2, r
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
+    return r.stderr
+
+
+def test_rank_zero_is_refused(cli, tmp_path, data):
+    assert "--rank" in _bad(cli, tmp_path, data, "--rank", "0")
+
+
+def test_rank_larger_than_a_layer_is_refused(cli, tmp_path, data):
+    assert "larger than layer" in _bad(cli, tmp_path, data, "--rank", "100000")
+
+
+def test_unknown_type_and_targets_are_refused(cli, tmp_path, data):
+    assert "--type" in _bad(cli, tmp_path, data, "--type", "dora")
+    assert "--targets" in _bad(cli, tmp_path, data, "--targets", "everything")
+
+
+def test_data_folder_without_images_is_refused(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    assert "no usable images" in _bad(cli, tmp_path, tmp_path / "empty")
+
+
+def test_targets_matching_no_module_are_refused():
+    vae_like = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(8, 8))
+    with pytest.raises(SdcError, match="matches no module"):
+        add_adapters(vae_like, "unet", AdapterSpec(rank=2, targets="attention"))
