@@ -61,7 +61,7 @@ def test_bench_tiny_sd_vs_pruned_student_json_and_plot(cli, student, tmp_path):
 
 
 def test_bench_table(cli, student):
-    r = cli("bench", "tiny-sd", student, "--batch-sizes", "1", "--no-cfg", *FAST)
+    r = cli("bench", "tiny-sd", student, "--batch-sizes", "1", "--no-cfg", *FAST, "--warmup", "0")
     assert r.code == 0, r
     assert "Denoising speed" in r.stdout and "CFG off" in r.stdout
     assert "bk-small" in r.stdout and "tiny-sd" in r.stdout
@@ -72,7 +72,8 @@ def test_bench_table(cli, student):
 
 def test_random_weights_sdxl_shaped_presets(cli):
     """An SDXL-shaped U-Net (added text/time conditioning) and a KOALA student of it, with no weights read."""
-    r = cli("bench", "tiny-sdxl", "koala-700m", "--random-weights", "--batch-sizes", "1", *FAST, "--json")
+    args = ("--random-weights", "--batch-sizes", "1", *FAST, "--steps", "1", "--warmup", "0", "--json")
+    r = cli("bench", "tiny-sdxl", "koala-700m", *args)
     assert r.code == 0, r
     result = json.loads(r.stdout)
     base, koala = result["models"]

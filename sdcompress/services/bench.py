@@ -285,6 +285,28 @@ def unet_inputs(
 # ---------------------------------------------------------------------------- measuring
 
 
+def _return_freed_memory_to_os() -> None:
+    """Make RSS follow live memory on glibc, so a second model is not measured inside the first one's heap.
+
+    glibc raises its mmap threshold after large frees, so freed tensors stay in
+    the heap and the next model reuses them without RSS growing. Fixing the
+    threshold (128 KiB) keeps large tensors in their own mappings, returned on
+    free, and `malloc_trim` hands back what the heap still holds.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS is still measured, only less precisely
+        return
+
+
 class _RssSampler:
     """Peak resident memory of this process, sampled by a thread (the CPU has no allocator counter)."""
 
@@ -352,6 +374,8 @@ def _measure_model(
     resolution = req.resolution or subject.family.resolution
     latent = latent_size(subject, resolution)
     gc.collect()
+    if device.type == "cpu":
+        _return_freed_memory_to_os()
     sampler = _RssSampler().start() if device.type == "cpu" else None
     try:
         report(f"{subject.ref}: building the U-Net on {device}")
@@ -416,6 +440,21 @@ def _measure_batch(
     return BatchResult(batch, unet_batch, sps, 1000.0 / sps, sps * batch, int(peak))
 
 
+def _warm_up_process(subject: _Subject, req: BenchRequest, device: torch.device, dtype: torch.dtype) -> None:
+    """One untimed forward before anything is measured on the CPU.
+
+    The first forward in a process maps kernel libraries and thread pools
+    (hundreds of MB of RSS); without this the baseline model would be charged
+    for them and every other model would look lighter than it is.
+    """
+    latent = latent_size(subject, req.resolution or subject.family.resolution)
+    unet = subject.unet_factory(device, dtype)
+    inputs = unet_inputs(subject.config, min(req.batch_sizes), latent, device, dtype, subject.text_embed_dim)
+    time_steps(unet, inputs, 1, 0, device)
+    del unet, inputs
+    gc.collect()
+
+
 def _speedups(models: list[ModelBench]) -> None:
     base = {r.batch_size: r.steps_per_s for r in models[0].results}
     for m in models:
@@ -441,6 +480,9 @@ def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -
     subjects = _subjects(req)
     for s in subjects:  # fail on a bad resolution before measuring anything
         latent_size(s, req.resolution or s.family.resolution)
+    if device.type == "cpu":
+        report("warming up the process (not measured)")
+        _warm_up_process(subjects[0], req, device, dtype)
     models = [_measure_model(s, req, device, dtype, report) for s in subjects]
     _speedups(models)
     notes = []
