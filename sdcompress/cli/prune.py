@@ -1,0 +1,189 @@
+"""`sdcompress prune --teacher REF (--preset P | surgery options) -o OUT`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sdcompress.cli._options import AllowPickle, Device, Json, Output, Overwrite
+from sdcompress.cli._output import emit_json, err, human_bytes, human_count, note, out, success, table
+from sdcompress.services.prune import PruneRequest
+from sdcompress.services.prune import prune as run_prune
+
+
+def _render(result) -> None:
+    out.print(
+        f"[bold]{result.teacher}[/bold] -> [bold]{result.output}[/bold]"
+        + (f" (preset [cyan]{result.preset}[/cyan])" if result.preset else "")
+        + f", selection {result.select}"
+    )
+    table(
+        "U-Net parameters",
+        ["stage", "teacher", "student"],
+        [(s["stage"], human_count(s["teacher"]), human_count(s["student"])) for s in result.stages]
+        + [("total", human_count(result.parameters["teacher"]), human_count(result.parameters["student"]))],
+        right=["teacher", "student"],
+    )
+    tb, fl = result.transformer_blocks, result.flops_per_step
+    table(
+        "Summary",
+        ["", "teacher", "student"],
+        [
+            ("transformer blocks", tb["teacher"], tb["student"]),
+            (
+                f"GFLOPs per step ({result.resolution} px, batch 1)",
+                f"{fl['teacher'] / 1e9:,.1f}",
+                f"{fl['student'] / 1e9:,.1f}",
+            ),
+        ],
+        right=["teacher", "student"],
+    )
+    selected = [r for r in result.removed if r["reason"] == "selection"]
+    if selected:
+        table(
+            f"Removed transformer blocks ({len(selected)} selected, {len(result.removed) - len(selected)} with their layers)",
+            ["block", "score (MSE when skipped)"],
+            [(r["block"], "" if r["score"] is None else f"{r['score']:.4g}") for r in selected],
+            right=["score (MSE when skipped)"],
+        )
+    if result.init_mse is not None:
+        out.print(
+            f"student vs teacher MSE at initialisation (held-out calibration set): {result.init_mse:.4g}"
+        )
+    success(
+        f"wrote {result.output} ({human_bytes(result.size_on_disk)} on disk, U-Net {human_bytes(result.unet_bytes)}, "
+        f"{result.seconds:.1f} s)"
+    )
+    for n in result.notes:
+        note(n)
+
+
+def prune(
+    teacher: Annotated[
+        str,
+        typer.Option(
+            "--teacher",
+            "-t",
+            help="Teacher: folder, .safetensors file, hub id or alias (SD15, SDXL), tiny-sd.",
+        ),
+    ],
+    output: Output,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="Published layout: bk-base, bk-small, bk-tiny (SD 1.x/2.x); ssd-1b, vega, koala-1b, koala-700m (SDXL).",
+        ),
+    ] = None,
+    drop_transformer_blocks: Annotated[
+        int | None,
+        typer.Option(
+            "--drop-transformer-blocks",
+            help="Remove N transformer blocks across all attention stacks (chosen by --select).",
+        ),
+    ] = None,
+    layers_per_block: Annotated[
+        int | None,
+        typer.Option(
+            "--layers-per-block",
+            help="Resnets per down level (1 as BK-SDM and KOALA; up levels keep teacher resnets 0 and 2).",
+        ),
+    ] = None,
+    mid_block: Annotated[
+        str | None,
+        typer.Option("--mid-block", help="keep, resnet (one resnet, no attention, as SSD-1B) or none."),
+    ] = None,
+    depths: Annotated[
+        str | None,
+        typer.Option(
+            "--depths",
+            help='Transformer depth per level by hand, e.g. "down2=4,4 up0=4,4,10 up1=2,1,1" (one depth per resnet; '
+            "one number sets the whole level; 0 removes a level's attention; mid=0 keeps one mid resnet).",
+        ),
+    ] = None,
+    select: Annotated[
+        str,
+        typer.Option(
+            "--select", help="importance (measured on the teacher), uniform (evenly spaced) or last."
+        ),
+    ] = "importance",
+    prompts: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts", help="Text file, one calibration prompt per line (default: built-in list)."
+        ),
+    ] = None,
+    calibration_samples: Annotated[
+        int, typer.Option("--calibration-samples", help="Noisy latents to score on.")
+    ] = 8,
+    calibration_size: Annotated[
+        int | None,
+        typer.Option(
+            "--calibration-size", help="Calibration image size in pixels (default: the family's resolution)."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch size.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration inputs.")] = 0,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--evaluate", help="Measure the student's MSE to the teacher at initialisation (held-out inputs)."
+        ),
+    ] = False,
+    unet_only: Annotated[
+        bool, typer.Option("--unet-only", help="Write only the student U-Net folder.")
+    ] = False,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    json_: Json = False,
+) -> None:
+    """Prune a teacher U-Net into a student: a published layout or your own, initialised from the teacher.
+
+    Writes a diffusers pipeline (student U-Net with the teacher's VAE, text encoders, tokenizers and
+    scheduler) or with --unet-only the U-Net alone, plus sdcompress_prune.json recording what was cut.
+    """
+    req = PruneRequest(
+        teacher=teacher,
+        output=output,
+        preset=preset,
+        drop_transformer_blocks=drop_transformer_blocks,
+        layers_per_block=layers_per_block,
+        mid_block=mid_block,
+        depths=depths,
+        select=select,
+        prompts=prompts,
+        calibration_samples=calibration_samples,
+        calibration_size=calibration_size,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        evaluate=evaluate,
+        unet_only=unet_only,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=json_,
+    ) as bar:
+        task = bar.add_task("pruning", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=total)
+
+        def on_tensor(name, tensor) -> None:
+            bar.update(task, description="writing", advance=1, total=None)
+
+        result = run_prune(req, progress=progress, on_tensor=on_tensor)
+    if json_:
+        emit_json(result.to_dict())
+        return
+    _render(result)
