@@ -71,6 +71,14 @@ def load_weights(
                 raise KeyError(f"buffer {name} is missing from the weights")
         else:
             raise KeyError(f"weight {name} is missing from the checkpoint")
+    # non-persistent buffers (transformers 5 keeps CLIP's position_ids out of state_dict) stay on meta otherwise
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta and name.endswith("position_ids"):
+            owner, _, leaf = name.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            sub.register_buffer(
+                leaf, torch.arange(buf.shape[-1], device=device).expand(buf.shape), persistent=False
+            )
 
 
 def build_module(
