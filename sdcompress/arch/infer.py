@@ -46,10 +46,10 @@ def unet_features(sd: Mapping[str, LazyTensor], layout: UNetLayout) -> dict[str,
     }
 
 
-def _family_matches(family: Family, feats: dict[str, Any]) -> bool:
+def _family_matches(family: Family, feats: dict[str, Any], *, widths: bool = True) -> bool:
     u = family.unet
     return (
-        u["block_out_channels"][0] == feats["block_out_channels"][0]
+        (not widths or u["block_out_channels"][0] == feats["block_out_channels"][0])
         and u["cross_attention_dim"] == feats["cross_attention_dim"]
         and u["use_linear_projection"] == feats["use_linear_projection"]
         and u.get("projection_class_embeddings_input_dim") == feats["projection_class_embeddings_input_dim"]
@@ -57,12 +57,15 @@ def _family_matches(family: Family, feats: dict[str, Any]) -> bool:
 
 
 def detect_family(feats: dict[str, Any], *, v_prediction: bool | None = None) -> Family:
-    """The family whose U-Net widths, cross-attention width and conditioning match.
+    """The family whose conditioning (cross-attention width, projection kind, added embeddings) matches.
 
-    SD 2 at 512 (epsilon) and 768-v share every shape; the v-prediction
-    marker (or the scheduler config of a diffusers folder) decides.
+    U-Net widths break ties (a student may be narrower than its teacher, so
+    they are preferred, not required). SD 2 at 512 (epsilon) and 768-v share
+    every shape; the v-prediction marker (or a folder's scheduler) decides.
     """
     matches = [f for f in FAMILIES.values() if _family_matches(f, feats)]
+    if not matches:
+        matches = [f for f in FAMILIES.values() if _family_matches(f, feats, widths=False)]
     if not matches:
         raise SdcError(
             "this checkpoint matches no known family (SD 1.x, SD 2.x, SDXL, SDXL refiner): "
