@@ -8,6 +8,7 @@ the same layers. Run by hand:
 
     .venv/bin/python benchmarks/extract.py --workdir /tmp/sdc-bench            # all three
     .venv/bin/python benchmarks/extract.py --workdir /tmp/sdc-bench --skip lycoris
+    .venv/bin/python benchmarks/extract.py --subset   # six SD 1.5 layer shapes, one process
 """
 
 from __future__ import annotations
@@ -144,6 +145,45 @@ def run_lycoris(base: Path, tuned: Path, out: Path) -> dict:
     return {"seconds": seconds, "sq_error": _error_of(delta_of, b, t), "modules": len(delta_of)}
 
 
+SUBSET_SHAPES = [(1280, 1280, 3, 3), (10240, 1280), (1280, 5120), (640, 640, 3, 3), (320, 320), (320, 768)]
+
+
+def run_subset() -> None:
+    """Representative SD 1.5 layer shapes, the three methods back to back per layer (same load)."""
+    from lycoris.utils import extract_conv, extract_linear
+
+    from sdcompress.lowrank.svd import low_rank
+
+    g = torch.Generator().manual_seed(0)
+    totals = {"sdcompress": [0.0, 0.0], "exact": [0.0, 0.0], "lycoris": [0.0, 0.0]}
+    for shape in SUBSET_SHAPES:
+        m, n = shape[0], int(torch.tensor(shape[1:]).prod())
+        d = 0.02 * (torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g)) / (8 * n) ** 0.5
+        d = (d + 2e-4 * torch.randn(m, n, generator=g)).reshape(shape)
+        r = CONV_RANK if len(shape) == 4 else RANK
+        row = []
+        t = time.perf_counter()
+        lr = low_rank(d, r)
+        row.append(("sdcompress", time.perf_counter() - t, lr.up @ lr.down))
+        t = time.perf_counter()
+        u, sv, vh = torch.linalg.svd(d.reshape(m, n), full_matrices=False)
+        row.append(("exact", time.perf_counter() - t, (u[:, :r] * sv[:r]) @ vh[:r]))
+        t = time.perf_counter()
+        (a, b, *_), kind = extract_conv(d, "fixed", r) if len(shape) == 4 else extract_linear(d, "fixed", r)
+        approx = d.reshape(m, n) if kind == "full" else b.reshape(m, -1) @ a.reshape(a.shape[0], -1)
+        row.append(("lycoris", time.perf_counter() - t, approx))
+        cells = []
+        for name, sec, approx in row:
+            err = float(((d.reshape(m, n) - approx.reshape(m, n)).double() ** 2).sum())
+            totals[name][0] += sec
+            totals[name][1] += err
+            cells.append(f"{name} {sec:7.2f} s err {err:.5g}")
+        print(f"{str(shape):<22}" + " | ".join(cells), flush=True)
+    ex = totals["exact"][1]
+    for name, (sec, err) in totals.items():
+        print(f"{name:<12}{sec:>9.2f} s  sq error {err:.6g}  ({err / ex:.4f}x exact)")
+
+
 METHODS = {"sdcompress": run_sdcompress, "exact": run_exact, "lycoris": run_lycoris}
 
 
@@ -153,7 +193,11 @@ def main() -> None:
     p.add_argument("--family", default="sd1")
     p.add_argument("--skip", action="append", default=[])
     p.add_argument("--run", help=argparse.SUPPRESS)
+    p.add_argument("--subset", action="store_true", help="Only time representative layer shapes (minutes).")
     args = p.parse_args()
+    if args.subset:
+        run_subset()
+        return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     base, tuned = work / f"{args.family}-base", work / f"{args.family}-tuned"
