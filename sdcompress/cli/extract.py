@@ -102,18 +102,18 @@ def extract_lora(
         return
     table(
         "Per block",
-        ["block", "layers", "rank (mean / max)", "rel. Frobenius error", "retained energy"],
+        ["block", "layers", "rank mean/max", "rel. error", "retained"],
         [
             (
                 b.block,
                 b.layers,
-                f"{b.mean_rank:.1f} / {b.max_rank}",
+                f"{b.mean_rank:.1f}/{b.max_rank}",
                 f"{b.rel_error:.4f}",
                 f"{b.retained:.2%}",
             )
             for b in result.blocks
         ],
-        right=["layers", "rank (mean / max)", "rel. Frobenius error", "retained energy"],
+        right=["layers", "rank mean/max", "rel. error", "retained"],
     )
     if result.clamped:
         note(f"rank clamped to the layer size for {len(result.clamped)} layers (e.g. {result.clamped[0]})")
