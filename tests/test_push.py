@@ -332,3 +332,13 @@ def test_card_of_a_real_prune_output(cli, tmp_path):
     assert f"removed blocks | {len(result.removed)}: `{result.removed[0]['block']}`" in card
     assert f"| unet | {after:,} |" in card
     assert {"pruned", "bk-small"} <= set(_front_matter(card)["tags"])
+
+
+def test_card_rejected_by_the_hub_is_one_sentence_and_nothing_is_committed(cli, hub, lora_file):
+    r = cli("push", lora_file, "--repo", "me/style", "--endpoint", hub.url, "--base-model", "not a model id")
+    line = _one_error_line(r)
+    assert "rejected the model card metadata" in line and "base_model" in line
+    assert hub.repos["me/style"].commits == []
+    r = cli("push", lora_file, "--repo", "me/style", "--endpoint", hub.url, "--base-model", "x", "--no-card")
+    assert r.code == 0, r
+    assert set(hub.repos["me/style"].branches["main"]) == {"style.safetensors"}
