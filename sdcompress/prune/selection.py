@@ -90,6 +90,29 @@ def _moves(skeleton: Skeleton, depths: Mapping[str, int], cost: Callable[[Stack,
     return moves
 
 
+def reachable(skeleton: Skeleton, depths: Mapping[str, int], count: int) -> bool:
+    """Whether exactly `count` more blocks can still go (so a greedy step never walks into a dead end).
+
+    Counts only: single removals (any number up to their capacity), the mid/deepest pair (two at a
+    time) and whole levels (their size) -- a close, cheap stand-in for searching every sequence.
+    """
+    if count == 0:
+        return True
+    stacks = [s for s in skeleton.stacks() if depths[s.student] > 0]
+    deepest = f"down_blocks.{skeleton.levels - 1}.attentions.0"
+    tied = {MID_STACK, deepest} if depths.get(MID_STACK, 0) > 0 and depths.get(deepest, 0) > 0 else set()
+    singles = sum(depths[s.student] - 1 for s in stacks if s.student not in tied)
+    pairs = min(depths[t] for t in tied) - 1 if tied else 0
+    groups: dict[str, int] = {}
+    for s in stacks:
+        if s.group != "mid":
+            groups[s.group] = groups.get(s.group, 0) + 1
+    sums = {0}
+    for size in groups.values():
+        sums |= {x + size for x in sums}
+    return any(0 <= count - 2 * p - lv <= singles for p in range(pairs + 1) for lv in sums)
+
+
 def greedy_drop(
     teacher_cfg: Config,
     skeleton: Skeleton,
@@ -108,8 +131,10 @@ def greedy_drop(
             trial = dict(current)
             for s in move.stacks:
                 trial[s] -= 1
-            if (best is None or (move.cost, move.order) < best[:2]) and expressible(
-                teacher_cfg, skeleton, trial
+            if (
+                (best is None or (move.cost, move.order) < best[:2])
+                and reachable(skeleton, trial, left - len(move.stacks))
+                and expressible(teacher_cfg, skeleton, trial)
             ):
                 best = (move.cost, move.order, trial)
         if best is None:

@@ -41,6 +41,7 @@ from sdcompress.prune.selection import (
     kept_blocks,
     max_droppable,
     positional_cost,
+    reachable,
 )
 from sdcompress.prune.surgery import (
     Skeleton,
@@ -153,6 +154,11 @@ def plan_structure(model: Model, req: PruneRequest) -> Plan:
             raise SdcError(
                 f"--drop-transformer-blocks {drop} is more than this student can lose: at most {available} of its "
                 f"{sum(depths.values())} transformer blocks can go (every attention stack keeps at least one)."
+            )
+        if not reachable(skeleton, depths, drop):
+            raise SdcError(
+                f"--drop-transformer-blocks {drop} cannot be met exactly: blocks here go one per stack, two at a time "
+                "for the mid block, or a whole level's attention at once; choose a nearby number."
             )
     return Plan(skeleton, depths, drop, None)
 

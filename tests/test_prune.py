@@ -1,0 +1,244 @@
+"""prune: published layouts to the parameter, general surgery, measured selection, bit-identical inheritance."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from _models import meta_model
+from safetensors import safe_open
+
+from sdcompress.arch.count import count_state_dict, meta_state_dict, meta_unet
+from sdcompress.arch.layout import layout_from_config
+from sdcompress.arch.presets import preset_config
+from sdcompress.checkpoint.resolve import load_model
+from sdcompress.errors import SdcError
+from sdcompress.prune.mapping import key_map, prefix_table, student_shapes, student_state_dict
+from sdcompress.prune.selection import greedy_drop, kept_blocks, positional_cost
+from sdcompress.prune.surgery import parse_depths
+from sdcompress.services.prune import RECORD_FILE, PruneRequest, plan_structure, prune
+
+COUNTS = [
+    ("sd1", "bk-base", 579_384_964), ("sd1", "bk-small", 482_346_884), ("sd1", "bk-tiny", 323_384_964),
+    ("sd2", "bk-base", 583_480_964), ("sd2", "bk-small", 485_787_524), ("sd2", "bk-tiny", 326_825_604),
+    ("sdxl", "ssd-1b", 1_331_334_404), ("sdxl", "vega", 745_225_604),
+    ("sdxl", "koala-1b", 1_161_184_324), ("sdxl", "koala-700m", 782_822_724),
+]  # fmt: skip
+FAST = {"calibration_samples": 2, "calibration_size": 32, "batch_size": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are faster on one thread, and the CI box is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _student_on_meta(family: str, **options):
+    """Plan and build a student from a full-size meta teacher (positional choice: no weights needed)."""
+    model = meta_model(family, unet_only=True)
+    plan = plan_structure(model, PruneRequest(teacher=family, output="unused", **options))
+    depths = plan.depths
+    if plan.drop:
+        depths = greedy_drop(model.configs["unet"], plan.skeleton, depths, plan.drop, positional_cost)
+    kept = {
+        s.student: kept_blocks(s, depths[s.student], "last", None)
+        for s in plan.skeleton.stacks()
+        if depths[s.student]
+    }
+    from sdcompress.prune.surgery import student_config
+
+    config = plan.config or student_config(model.configs["unet"], plan.skeleton, depths)
+    shapes = student_shapes(config)
+    mapping = key_map(shapes, prefix_table(plan.skeleton, kept))
+    return config, student_state_dict(model.components["unet"], shapes, mapping), mapping
+
+
+@pytest.mark.parametrize(("family", "preset", "expected"), COUNTS)
+def test_presets_from_full_size_teachers_have_published_counts(family, preset, expected):
+    config, sd, _ = _student_on_meta(family, preset=preset)
+    assert config == preset_config(preset, family)
+    assert count_state_dict(sd) == expected
+
+
+def test_drop_40_on_sdxl_leaves_30_blocks_in_a_buildable_config():
+    config, sd, _ = _student_on_meta("sdxl", drop_transformer_blocks=40)
+    assert layout_from_config(config).transformer_blocks() == 30
+    module_keys = set(meta_state_dict(meta_unet(config)))
+    assert module_keys == set(sd)
+
+
+def test_ssd_1b_by_hand_is_the_preset():
+    hand = _student_on_meta("sdxl", mid_block="resnet", depths="down2=4,4 up0=4,4,10 up1=2,1,1")
+    preset = _student_on_meta("sdxl", preset="ssd-1b")
+    assert layout_from_config(hand[0]) == layout_from_config(preset[0])
+    assert hand[2] == preset[2]  # the same student key -> teacher key map
+    same = _student_on_meta("sdxl", depths="mid=0 down2=4,4 up0=4,4,10 up1=2,1,1")
+    assert same[2] == preset[2]
+
+
+def test_depths_spec_errors():
+    assert parse_depths("down2=4,4 mid=0 up0=4") == {"down2": [4, 4], "mid": [0], "up0": [4]}
+    for bad in ("down2", "down2=a", "side1=2", "down2=1;down2=2", ""):
+        with pytest.raises(SdcError):
+            parse_depths(bad)
+    with pytest.raises(SdcError, match="pruning can only remove"):
+        _student_on_meta("sdxl", depths="down2=11,4")
+
+
+def _expected_teacher_key(key: str, record: dict, up_shift: int) -> str:
+    """Independent restatement of the inheritance rules (BK-SDM up indices, level shift, renumbering)."""
+    kept = record["kept"]
+    m = re.match(
+        r"^((?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.0)\.transformer_blocks\.(\d+)\.(.*)$",
+        key,
+    )
+    if m:
+        info = kept[m.group(1)]
+        return f"{info['teacher']}.transformer_blocks.{info['blocks'][int(m.group(2))]}.{m.group(3)}"
+    m = re.match(r"^((?:down|up)_blocks\.\d+\.attentions\.\d+)\.(.*)$", key)
+    if m:
+        return f"{kept[m.group(1)]['teacher']}.{m.group(2)}"
+    m = re.match(r"^up_blocks\.(\d+)\.(resnets)\.(\d+)\.(.*)$", key)
+    if m:
+        k, i = int(m.group(1)), int(m.group(3))
+        layers = len(record["student_config"]["up_block_types"])
+        lpb = record["student_config"]["layers_per_block"]
+        lpb = lpb if isinstance(lpb, int) else lpb[layers - 1 - k]
+        teacher_i = i if lpb == 2 else (0, 2)[i]
+        return f"up_blocks.{k + up_shift}.resnets.{teacher_i}.{m.group(4)}"
+    m = re.match(r"^up_blocks\.(\d+)\.(.*)$", key)
+    if m:
+        return f"up_blocks.{int(m.group(1)) + up_shift}.{m.group(2)}"
+    return key
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "options"),
+    [
+        ("tiny-sd", {"preset": "bk-base"}),
+        ("tiny-sd", {"preset": "bk-small"}),
+        ("tiny-sd", {"preset": "bk-tiny"}),
+        ("tiny-sdxl", {"preset": "ssd-1b", "select": "uniform"}),
+        ("tiny-sdxl", {"preset": "vega", "select": "uniform"}),
+        ("tiny-sdxl", {"preset": "koala-1b", "select": "last"}),
+        ("tiny-sdxl", {"preset": "koala-700m", "select": "uniform"}),
+        ("tiny-sdxl", {"drop_transformer_blocks": 40, "select": "uniform"}),
+    ],
+)
+def test_kept_weights_are_bit_identical(tmp_path, teacher, options):
+    out = tmp_path / "student"
+    result = prune(PruneRequest(teacher=teacher, output=str(out), unet_only=True, **options))
+    record = json.loads((out / RECORD_FILE).read_text())
+    model = load_model(teacher)
+    student = (
+        _tensors(out / "unet" / "diffusion_pytorch_model.safetensors")
+        if (out / "unet").is_dir()
+        else _tensors(out / "diffusion_pytorch_model.safetensors")
+    )
+    shift = 1 if options.get("preset") == "bk-tiny" else 0
+    assert set(student) == set(meta_state_dict(meta_unet(record["student_config"])))
+    for key, value in student.items():
+        source = model.components["unet"][_expected_teacher_key(key, record, shift)].load()
+        assert value.dtype == source.dtype and torch.equal(value, source), key
+    assert result.parameters["student"] == sum(v.numel() for v in student.values())
+
+
+def test_drop_40_student_loads_with_diffusers_and_runs(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "student"
+    result = prune(PruneRequest(teacher="tiny-sdxl", output=str(out), drop_transformer_blocks=40, **FAST))
+    assert result.transformer_blocks == {"teacher": 70, "student": 30}
+    assert len([r for r in result.removed if r["reason"] == "selection"]) == 40
+    assert all(r["score"] is not None for r in result.removed)
+    assert result.flops_per_step["student"] < result.flops_per_step["teacher"]
+    unet = UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    assert sum(p.numel() for p in unet.parameters()) == result.parameters["student"]
+    cfg = unet.config
+    with torch.no_grad():
+        y = unet(
+            torch.randn(1, 4, 16, 16),
+            torch.tensor([500]),
+            torch.randn(1, 77, cfg.cross_attention_dim),
+            added_cond_kwargs={
+                "text_embeds": torch.randn(1, 64),
+                "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
+            },
+        ).sample
+    assert y.shape == (1, 4, 16, 16) and torch.isfinite(y).all()
+    for name in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert (out / name).is_dir(), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("teacher", "n"), [("tiny-sd", 4), ("tiny-sdxl", 40)])
+def test_importance_beats_uniform_and_last(tmp_path, teacher, n):
+    mse = {}
+    for select in ("importance", "uniform", "last"):
+        r = prune(
+            PruneRequest(
+                teacher=teacher,
+                output=str(tmp_path / select),
+                drop_transformer_blocks=n,
+                select=select,
+                evaluate=True,
+                unet_only=True,
+                calibration_samples=4,
+                calibration_size=64 if teacher == "tiny-sd" else 32,
+            )
+        )
+        mse[select] = r.init_mse
+    assert mse["importance"] < mse["uniform"] and mse["importance"] < mse["last"], mse
+
+
+def test_pruned_student_converts_and_its_layout_is_inferred(tmp_path, cli):
+    out = tmp_path / "student"
+    r = cli(
+        "prune", "--teacher", "tiny-sdxl", "--preset", "koala-700m", "--select", "last", "-o", out, "--json"
+    )
+    assert r.code == 0, r
+    report = json.loads(r.stdout)
+    single = tmp_path / "student.safetensors"
+    assert cli("convert", out, "-o", single).code == 0
+    back = load_model(single)
+    assert layout_from_config(back.configs["unet"]) == layout_from_config(report["student_config"])
+    assert back.preset == "koala-700m"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--teacher", "tiny-sd", "--preset", "ssd-1b"), "applies to Stable Diffusion XL"),
+        (("--teacher", "tiny-sdxl", "--drop-transformer-blocks", "200"), "more than this student can lose"),
+        (("--teacher", "tiny-sd", "--drop-transformer-blocks", "1"), "cannot be met exactly"),
+        (("--teacher", "/nonexistent/teacher", "--preset", "bk-base"), "does not exist"),
+        (("--teacher", "tiny-sd"), "nothing to prune"),
+        (("--teacher", "tiny-sd", "--preset", "bk-base", "--mid-block", "none"), "--preset fixes"),
+        (("--teacher", "tiny-sd", "--preset", "bk-base", "--select", "random"), "--select must be"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, cli, args, message):
+    r = cli("prune", *args, "-o", tmp_path / "out")
+    assert r.code == 2, r
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_untouched(tmp_path, cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = cli("prune", "--teacher", "tiny-sd", "--preset", "bk-base", "-o", out)
+    assert r.code == 2 and "already exists" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
