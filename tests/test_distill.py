@@ -85,7 +85,11 @@ def fixed_terms(teacher: str, student_unet, data: Path) -> dict[str, float]:
     parts = DiffusionParts.from_pipeline(pipe)
     teacher_unet, parts.unet = parts.unet, student_unet
     task = DistillTask(
-        parts, teacher_unet, pair_features(student_unet, teacher_unet, "blocks"), feature_norm=True
+        parts,
+        teacher_unet,
+        pair_features(student_unet, teacher_unet, "blocks"),
+        feature_norm=True,
+        saver=lambda *a: None,
     )
     task.bind({"unet": student_unet}, torch.device("cpu"), torch.float32)
     dataset, _ = build_dataset(DataConfig(data_dir=data, resolution=32), seed=0)

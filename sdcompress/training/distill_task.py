@@ -34,15 +34,6 @@ class DistillWeights:
     features: float = 1.0
 
 
-def save_pipeline_folder(parts: DiffusionParts) -> StudentSaver:
-    """A saver writing the whole pipeline with diffusers' own `save_pretrained` (safetensors)."""
-
-    def save(student: torch.nn.Module, out: Path, summary: TrainingSummary) -> None:
-        parts.pipeline(unet=student).save_pretrained(out, safe_serialization=True)
-
-    return save
-
-
 class DistillTask(DiffusionTask):
     """Train `parts.unet` (the student) to imitate `teacher`."""
 
@@ -54,17 +45,17 @@ class DistillTask(DiffusionTask):
         teacher: torch.nn.Module,
         pairs: list[FeaturePair],
         *,
+        saver: StudentSaver,
         weights: DistillWeights = DistillWeights(),
         loss: LossConfig = LossConfig(),
         feature_norm: bool = False,
-        saver: StudentSaver | None = None,
     ) -> None:
         super().__init__(parts, loss)
         self.teacher = teacher.eval().requires_grad_(False)
         self.pairs = pairs
         self.weights = weights
         self.feature_norm = feature_norm
-        self.saver = saver or save_pipeline_folder(parts)
+        self.saver = saver  # the service writes through the project's writers (save_diffusers)
         self.student: torch.nn.Module = parts.unet
         self.teacher_dtype = torch.float32
         self._teacher_taps = FeatureTaps(teacher, [p.teacher for p in pairs], detach=True)
