@@ -1,0 +1,28 @@
+"""One full-size SD 1.5 round trip with random fp16 weights (slow; CI runs it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import random_full_model
+
+from sdcompress.checkpoint.safetensors_io import SafetensorsFile
+from sdcompress.checkpoint.writers import save_single_file
+
+
+@pytest.mark.slow
+def test_full_size_sd15_round_trip_is_bit_identical(cli, tmp_path):
+    src = tmp_path / "sd15.safetensors"
+    save_single_file(random_full_model("sd1"), src)
+    assert src.stat().st_size > 2_000_000_000
+    r = cli("convert", src, "-o", tmp_path / "folder")
+    assert r.code == 0, r
+    r = cli("convert", tmp_path / "folder", "-o", tmp_path / "back.safetensors")
+    assert r.code == 0, r
+    a, b = SafetensorsFile(src), SafetensorsFile(tmp_path / "back.safetensors")
+    assert a.keys() == b.keys()
+    for k in a.keys():
+        ta, tb = a.lazy(k).load(), b.lazy(k).load()
+        assert ta.dtype == tb.dtype == torch.float16 and torch.equal(ta, tb), k
+    info = cli("info", tmp_path / "folder", "--json")
+    assert '"family": "sd1"' in info.stdout
