@@ -11,8 +11,20 @@ def main() -> None:
     out = Path(__file__).parent / "reference" / "cli.md"
     out.parent.mkdir(exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "typer", "sdcompress.cli.app", "utils", "docs", "--name", "sdcompress",
-         "--title", "Command reference", "--output", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "typer",
+            "sdcompress.cli.app",
+            "utils",
+            "docs",
+            "--name",
+            "sdcompress",
+            "--title",
+            "Command reference",
+            "--output",
+            str(out),
+        ],
         check=True,
     )
 

@@ -161,12 +161,11 @@ def config_from_layout(base: Config, layout: UNetLayout, *, channels: list[int] 
         cfg["transformer_layers_per_block"] = depths[0] if len(set(depths)) == 1 else depths
     else:
         down_lists = [[d or 1 for d in level] for level in layout.down]
-        if layout.mid:
-            if down_lists[-1][0] != layout.mid:
-                raise SdcError(
-                    "diffusers ties the mid block's depth to the first attention of the deepest level; "
-                    f"a mid depth of {layout.mid} with {down_lists[-1][0]} there cannot be written as a config."
-                )
+        if layout.mid and down_lists[-1][0] != layout.mid:
+            raise SdcError(
+                "diffusers ties the mid block's depth to the first attention of the deepest level; "
+                f"a mid depth of {layout.mid} with {down_lists[-1][0]} there cannot be written as a config."
+            )
         cfg["transformer_layers_per_block"] = down_lists
         cfg["reverse_transformer_layers_per_block"] = [
             [d or 1 for d in level] if any(level) else 1 for level in layout.up

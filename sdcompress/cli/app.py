@@ -43,25 +43,32 @@ def _root(
 
 
 def _register() -> None:
-    from sdcompress.cli import convert, info
+    """One line per command, in the order of the workflow (this is the order `--help` lists them)."""
+    from sdcompress.cli import (
+        bench,
+        convert,
+        demo,
+        distill,
+        extract,
+        finetune,
+        info,
+        lora,
+        merge,
+        prune,
+        push,
+    )
 
     app.command("info")(info.info)
     app.command("convert")(convert.convert)
-    from sdcompress.cli import distill
-
+    app.command("prune")(prune.prune)
     app.command("distill")(distill.distill)
-    from sdcompress.cli import extract, merge
-
-    app.command("extract-lora")(extract.extract_lora)
-    app.command("merge")(merge.merge)
-    from sdcompress.cli import finetune, lora
-
     app.command("finetune")(finetune.finetune)
     app.add_typer(lora.app, name="lora")
-    from sdcompress.cli import bench, push
-
-    app.command("push")(push.push)
+    app.command("extract-lora")(extract.extract_lora)
+    app.command("merge")(merge.merge)
     app.command("bench")(bench.bench)
+    app.command("push")(push.push)
+    app.command("demo")(demo.demo)
 
 
 _register()

@@ -29,7 +29,11 @@ def convert(
     ] = False,
     unet_only: Annotated[bool, typer.Option("--unet-only", help="Write only the U-Net.")] = False,
     to: Annotated[
-        str | None, typer.Option("--to", help="single-file or diffusers (default: from the output path); for a LoRA file: kohya or peft.")
+        str | None,
+        typer.Option(
+            "--to",
+            help="single-file or diffusers (default: from the output path); for a LoRA file: kohya or peft.",
+        ),
     ] = None,
     prediction_type: Annotated[
         str | None,
