@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,15 @@ from sdcompress.training.lora_task import AdapterSpec, LoraTrainTask, add_adapte
 from sdcompress.training.task import DiffusionParts, LossConfig
 
 RES = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train much faster on one thread, above all on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +241,67 @@ def test_targets_matching_no_module_are_refused():
     vae_like = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(8, 8))
     with pytest.raises(SdcError, match="matches no module"):
         add_adapters(vae_like, "unet", AdapterSpec(rank=2, targets="attention"))
+
+
+# ---------------------------------------------------------------------------- exact resume
+
+
+def stop_after(step: int):
+    """A progress callback sending Ctrl-C during step `step`, as a user would; the loop stops after it."""
+
+    def callback(event) -> None:
+        if event.kind == "step" and event.step == step - 1:
+            signal.raise_signal(signal.SIGINT)
+
+    return callback
+
+
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    from sdcompress.checkpoint.safetensors_io import read_state_dict
+
+    return {k: v.load() for k, v in read_state_dict(path).items()}
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
+def test_lora_resume_is_exact(tmp_path, data):
+    """2N steps straight == N steps, Ctrl-C, `--resume latest`, N more: adapters, loss history, lr."""
+    from sdcompress.services.lora_train import DreamBooth, LoraTrainRequest, lora_train
+
+    classes = write_demo_dataset(tmp_path / "class", 2, size=RES, seed=5)
+
+    def request(name: str, checkpoint_every: int = 0) -> LoraTrainRequest:
+        return LoraTrainRequest(
+            model="tiny-sd",
+            output=tmp_path / name,
+            data=DataConfig(data_dir=data, resolution=RES, random_flip=True, caption_dropout=0.3),
+            train=TrainConfig(
+                work_dir=tmp_path / f"{name}.train",
+                max_steps=4,
+                batch_size=2,
+                lr=1e-2,
+                lr_scheduler="cosine",
+                warmup_steps=1,
+                checkpoint_every=checkpoint_every,
+                seed=3,
+                cpu=True,
+            ),  # fmt: skip
+            # dropout draws from the global RNG: resume must restore it too
+            adapter=AdapterSpec(rank=2, dropout=0.1, text_encoder=True),
+            dreambooth=DreamBooth(class_data=classes, class_prompt="a shape", prior_loss_weight=0.5),
+            save_dtype="fp32",
+        )
+
+    straight = lora_train(request("straight"))
+    first = request("resumed", checkpoint_every=100)
+    stopped = lora_train(first, stop_after(2))
+    assert stopped.interrupted and stopped.steps == 2 and not first.output.exists()
+    resumed = lora_train(replace(first, train=replace(first.train, resume="latest")))
+    assert resumed.resumed_from == stopped.last_checkpoint and resumed.steps == 4
+    assert_bit_identical(tensors_of(straight.files[0]), tensors_of(resumed.files[0]))
+    a, b = (json.loads((r.output / "sdcompress_run.json").read_text()) for r in (straight, resumed))
+    assert a["loss_curve"] == b["loss_curve"]

@@ -55,6 +55,17 @@ class ClassImages:
         return batch
 
 
+def seed_global_rng(generator: torch.Generator) -> None:
+    """Seed torch's global RNGs from the micro-batch's generator seed, without drawing from it.
+
+    Dropout (peft's LoRA dropout and LoHa / LoKr rank dropout, any dropout in
+    the models) draws from the global RNG, not from the engine's per-step
+    generator; seeding it per micro-batch makes those draws a function of the
+    step too, so a resumed run repeats them exactly.
+    """
+    torch.manual_seed(generator.initial_seed() ^ 0x5DC0_5EED)
+
+
 class UNetTrainingTask(DiffusionTask):
     """Train parameters of the U-Net (and maybe the text encoders) with the diffusion loss."""
 
@@ -114,6 +125,7 @@ class UNetTrainingTask(DiffusionTask):
             return encode_prompts(self.encoders, self.parts.tokenizers, batch["captions"], self.device)
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        seed_global_rng(generator)
         if self.instance_prompt is not None:
             batch = {**batch, "captions": [self.instance_prompt] * len(batch["captions"])}
         instance = self._loss_of(batch, generator)

@@ -216,10 +216,14 @@ class LoraTrainTask(UNetTrainingTask):
         spec.validate()
         super().__init__(parts, loss, train_text_encoders=spec.text_encoder, **kwargs)
         self.spec = spec
-        self.paths: dict[str, list[str]] = {UNET: add_adapters(parts.unet, UNET, spec)}
-        if spec.text_encoder:
-            for component, encoder in zip((TE, TE2), parts.text_encoders, strict=False):
-                self.paths[component] = add_adapters(encoder, component, spec)
+        # peft draws the initial adapter weights from the global RNG; seeding it here makes two runs with
+        # the same --seed start from the same adapters (without it no resume test could compare runs).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(kwargs.get("seed", 0))
+            self.paths: dict[str, list[str]] = {UNET: add_adapters(parts.unet, UNET, spec)}
+            if spec.text_encoder:
+                for component, encoder in zip((TE, TE2), parts.text_encoders, strict=False):
+                    self.paths[component] = add_adapters(encoder, component, spec)
 
     def bind(
         self, prepared: dict[str, torch.nn.Module], device: torch.device, weight_dtype: torch.dtype
