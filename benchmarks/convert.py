@@ -29,14 +29,27 @@ import torch
 
 
 def _child(cmd: list[str]) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in GiB) of that child alone."""
+    """Run a command and then `sync`; return (wall seconds, peak RSS in GiB of the command alone).
+
+    Every timing includes flushing what the command wrote to disk, so `cp` (whose writes would
+    otherwise sit in the page cache) and the converters are compared on durable bytes.
+    """
+    subprocess.run(["sync"], check=False)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
+    subprocess.run(["sync"], check=False)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"command failed: {' '.join(cmd)}")
     return wall, usage.ru_maxrss / 2**20
+
+
+def _startup() -> float:
+    """Seconds the CLI needs to start (imports), measured once: part of every sdcompress timing."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "sdcompress", "--help"], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
 
 
 def make_checkpoint(family: str, path: Path) -> int:
@@ -94,7 +107,7 @@ def bench(family: str, work: Path) -> dict[str, float]:
             missing_ok=True
         )
     subprocess.run(["sync"], check=False)
-    r = {"size_gb": size / 1e9}
+    r = {"size_gb": size / 1e9, "startup_s": _startup()}
     r["cp_s"], r["cp_rss"] = _child(["cp", str(src), str(work / "cp.safetensors")])
     r["to_diffusers_s"], r["to_diffusers_rss"] = _child(
         [*exe, "convert", str(src), "-o", str(work / "folder")]
@@ -130,7 +143,7 @@ def main() -> None:
         ours = max(r["to_diffusers_rss"], r["to_single_rss"])
         print(
             f"{family:8} {r['size_gb']:6.2f}GB {r['cp_s']:7.1f}s {r['to_diffusers_s']:11.1f}s {r['to_single_s']:9.1f}s "
-            f"{worst / r['cp_s']:5.2f}x {ours:7.2f}GiB {r['diffusers_rss']:12.2f}GiB {ours / r['diffusers_rss']:5.2f}"
+            f"{worst / r['cp_s']:5.2f}x {r['startup_s']:5.1f}s {ours:7.2f}GiB {r['diffusers_rss']:12.2f}GiB {ours / r['diffusers_rss']:5.2f}"
             f"   (diffusers from_single_file+save_pretrained {r['diffusers_s']:.1f}s)",
             flush=True,
         )
