@@ -194,7 +194,7 @@ def test_dreambooth_logs_both_terms(cli, tmp_path, data):
     r = cli(
         "lora", "train", "--model", "tiny-sd", "--data", data, "-o", tmp_path / "db", "--resolution", RES,
         "--instance-prompt", "a photo of sks shape", "--class-data", classes, "--class-prompt", "a photo of a shape",
-        "--prior-loss-weight", "0.5", "--max-steps", "1", "--rank", "2", "--cpu", "--checkpoint-every", "0",
+        "--prior-loss-weight", "0.5", "--num-class-images", "2", "--max-steps", "1", "--rank", "2", "--cpu", "--checkpoint-every", "0",
         "--num-workers", "0", "--json",
     )  # fmt: skip
     assert r.code == 0, r
@@ -204,6 +204,52 @@ def test_dreambooth_logs_both_terms(cli, tmp_path, data):
     assert terms["loss"] == pytest.approx(terms["instance"] + 0.5 * terms["prior"], rel=1e-4)
     meta = read_lora(tmp_path / "db" / "db.safetensors").metadata
     assert meta["ss_instance_prompt"] == "a photo of sks shape" and meta["ss_prior_loss_weight"] == "0.5"
+
+
+def test_dreambooth_generates_missing_class_images(cli, tmp_path, data):
+    """No --class-data: the base model draws --num-class-images class images into OUTPUT.class-images."""
+    r = cli(
+        "lora", "train", "--model", "tiny-sd", "--data", data, "-o", tmp_path / "db", "--resolution", RES,
+        "--instance-prompt", "a photo of sks shape", "--class-prompt", "a photo of a shape",
+        "--num-class-images", "2", "--class-inference-steps", "2", "--max-steps", "1", "--rank", "2",
+        "--cpu", "--checkpoint-every", "0", "--num-workers", "0", "--json",
+    )  # fmt: skip
+    assert r.code == 0, r
+    out = json.loads(r.stdout)
+    assert out["class_images_generated"] == 2 and set(out["last_losses"]) == {"loss", "instance", "prior"}
+    folder = tmp_path / "db.class-images"
+    images = sorted(folder.glob("*.png"))
+    assert [p.name for p in images] == ["class-00000.png", "class-00001.png"]
+    assert all(p.with_suffix(".txt").read_text().strip() == "a photo of a shape" for p in images)
+    from PIL import Image
+
+    with Image.open(images[0]) as image:
+        assert image.size == (RES, RES)
+    assert read_lora(tmp_path / "db" / "db.safetensors").metadata["ss_num_reg_images"] == "2"
+
+
+def test_class_image_generation_is_seeded_and_fills_up(tmp_path):
+    """Image i depends on (seed, i) only: filling 1 then 2 gives the bytes of filling 2 at once."""
+    from sdcompress.training.finetune_task import generate_class_images
+
+    pipe = DiffusionParts.from_pipeline(pipeline(load_model("tiny-sd"))).pipeline()
+    make = lambda folder, n: generate_class_images(  # noqa: E731
+        pipe, folder, "a circle", n, seed=7, resolution=RES, steps=2
+    )
+    assert len(make(tmp_path / "a", 2)) == 2
+    assert len(make(tmp_path / "b", 1)) == 1
+    assert len(make(tmp_path / "b", 2)) == 1 and make(tmp_path / "b", 2) == []
+    for name in ("class-00000.png", "class-00001.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "class-00000.png").read_bytes() != (
+        tmp_path / "a" / "class-00001.png"
+    ).read_bytes()
+
+
+def test_class_data_too_small_without_a_class_prompt_is_refused(cli, tmp_path, data):
+    classes = write_demo_dataset(tmp_path / "class", 1, size=RES, seed=5)
+    message = _bad(cli, tmp_path, data, "--class-data", classes, "--num-class-images", "3")
+    assert "--class-prompt" in message and "holds 1 images" in message
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -292,7 +338,9 @@ def test_lora_resume_is_exact(tmp_path, data):
             ),  # fmt: skip
             # dropout draws from the global RNG: resume must restore it too
             adapter=AdapterSpec(rank=2, dropout=0.1, text_encoder=True),
-            dreambooth=DreamBooth(class_data=classes, class_prompt="a shape", prior_loss_weight=0.5),
+            dreambooth=DreamBooth(
+                class_data=classes, class_prompt="a shape", prior_loss_weight=0.5, num_class_images=2
+            ),
             save_dtype="fp32",
         )
 

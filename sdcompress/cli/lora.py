@@ -9,7 +9,7 @@ import typer
 
 from sdcompress.cli import _training_options as T
 from sdcompress.cli._options import AllowPickle, Json, Overwrite
-from sdcompress.cli._output import err, success
+from sdcompress.cli._output import err, note, success
 from sdcompress.cli.finetune import report
 from sdcompress.training.lora_task import ADAPTER_TYPES, TARGET_SETS
 
@@ -87,12 +87,33 @@ def train(
     class_data: Annotated[
         Path | None,
         typer.Option(
-            "--class-data", help="Folder of class images (prior preservation).", rich_help_panel=_DB
+            "--class-data",
+            help="Folder of class images (prior preservation); default with --class-prompt: OUTPUT.class-images.",
+            rich_help_panel=_DB,
         ),
     ] = None,
     class_prompt: Annotated[
-        str | None, typer.Option("--class-prompt", help="Caption for every class image.", rich_help_panel=_DB)
+        str | None,
+        typer.Option(
+            "--class-prompt",
+            help="Caption for every class image; missing class images are generated from it by the base model.",
+            rich_help_panel=_DB,
+        ),
     ] = None,
+    num_class_images: Annotated[
+        int | None,
+        typer.Option(
+            "--num-class-images",
+            help="Class images wanted; the base model makes the missing ones (default 100).",
+            rich_help_panel=_DB,
+        ),
+    ] = None,
+    class_inference_steps: Annotated[
+        int,
+        typer.Option(
+            "--class-inference-steps", help="Inference steps per generated class image.", rich_help_panel=_DB
+        ),
+    ] = 30,
     prior_loss_weight: Annotated[
         float,
         typer.Option("--prior-loss-weight", help="Weight of the class (prior) loss.", rich_help_panel=_DB),
@@ -131,7 +152,7 @@ def train(
     json_: Json = False,
 ) -> None:
     """Train a LoRA (or LoHa / LoKr) on a pipeline's U-Net, optionally its text encoders; DreamBooth with
-    --instance-prompt and --class-data.
+    --instance-prompt and --class-data and/or --class-prompt (missing class images are generated first).
 
     Writes OUTPUT/<name>.safetensors (kohya layout with ss_* metadata) and/or
     OUTPUT/pytorch_lora_weights.safetensors (PEFT layout). Rerun with --resume latest after a stop.
@@ -162,6 +183,8 @@ def train(
             class_data=p.get("class_data"),
             class_prompt=p.get("class_prompt"),
             prior_loss_weight=p["prior_loss_weight"],
+            num_class_images=p.get("num_class_images"),
+            class_inference_steps=p["class_inference_steps"],
         ),
         format=p["format_"],
         name=p.get("name"),
@@ -171,5 +194,7 @@ def train(
     with T.TrainingProgress(err, disable=p["json_"]) as progress:
         result = lora_train(request, progress)
     report(result, p["json_"])
+    if result.class_images_generated and not p["json_"]:
+        note(f"generated {result.class_images_generated} class images with the base model")
     if not p["json_"]:
         success(f"wrote {', '.join(map(str, result.files))} ({result.steps} steps)")

@@ -66,6 +66,7 @@ class TrainingRunResult:
     seconds: float
     files: list[Path] = field(default_factory=list)
     validation_images: list[Path] = field(default_factory=list)
+    class_images_generated: int = 0
 
 
 # ---------------------------------------------------------------------------- shared by finetune / lora train

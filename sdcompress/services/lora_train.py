@@ -35,22 +35,44 @@ from sdcompress.services.finetune import (
 )
 from sdcompress.training.data import DataConfig
 from sdcompress.training.engine import ProgressCallback, TrainConfig
+from sdcompress.training.finetune_task import count_images, generate_class_images
 from sdcompress.training.lora_task import AdapterSpec, LoraTrainTask, LycorisModule
-from sdcompress.training.task import LossConfig, TrainingSummary
+from sdcompress.training.task import DiffusionParts, LossConfig, TrainingSummary
 
 RUN_RECORD = "sdcompress_run.json"
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 OUTPUT_FORMATS = ("kohya", "peft", "both")
 
 
+DEFAULT_CLASS_IMAGES = 100  # what diffusers' DreamBooth scripts generate by default
+
+
 @dataclass(frozen=True)
 class DreamBooth:
-    """DreamBooth options: every instance caption becomes `instance_prompt`; class images add a prior term."""
+    """DreamBooth options: every instance caption becomes `instance_prompt`; class images add a prior term.
+
+    Prior preservation is on with `class_data` or `class_prompt`. With a class
+    prompt, the class folder (default `OUTPUT.class-images/`) is filled up to
+    `num_class_images` (default 100) by the base model before training.
+    """
 
     instance_prompt: str | None = None
     class_data: Path | None = None
     class_prompt: str | None = None
     prior_loss_weight: float = 1.0
+    num_class_images: int | None = None
+    class_inference_steps: int = 30
+
+    @property
+    def enabled(self) -> bool:
+        return self.class_data is not None or self.class_prompt is not None
+
+    def class_folder(self, output: Path) -> Path:
+        return (
+            Path(self.class_data)
+            if self.class_data is not None
+            else output.with_name(output.name + ".class-images")
+        )
 
 
 @dataclass(frozen=True)
@@ -76,14 +98,58 @@ def _check(request: LoraTrainRequest) -> None:
     if request.text_encoder_lr is not None and request.text_encoder_lr <= 0:
         raise SdcError("--text-encoder-lr must be positive; fix the option and run again.")
     db = request.dreambooth
-    if db.class_data is not None and not Path(db.class_data).is_dir():
-        raise SdcError(f"--class-data {db.class_data} is not a folder; give a folder of class images.")
-    if db.class_data is None and db.class_prompt is not None:
-        raise SdcError(
-            "--class-prompt needs --class-data, a folder of class images; add it or drop --class-prompt."
-        )
     if db.prior_loss_weight < 0:
         raise SdcError("--prior-loss-weight must be 0 or more.")
+    if db.num_class_images is not None and db.num_class_images < 1:
+        raise SdcError(f"--num-class-images must be at least 1, got {db.num_class_images}.")
+    if db.class_inference_steps < 1:
+        raise SdcError(f"--class-inference-steps must be at least 1, got {db.class_inference_steps}.")
+    folder = db.class_folder(request.output)
+    if folder.exists() and not folder.is_dir():
+        raise SdcError(f"--class-data {folder} is not a folder; give a folder of class images.")
+    if db.class_data is not None and db.class_prompt is None:
+        have, wanted = count_images(folder), db.num_class_images or 1
+        if have < wanted:
+            raise SdcError(
+                f"--class-data {folder} holds {have} images, fewer than {wanted}; add --class-prompt so the "
+                "base model generates the missing ones, or give a folder with more images."
+            )
+
+
+def ensure_class_images(
+    request: LoraTrainRequest, parts: DiffusionParts, resolution: int
+) -> tuple[Path, int]:
+    """The class folder, filled by the base model up to the wanted count; returns it and how many were made.
+
+    Runs before the adapters are injected, so the images are the base model's.
+    Under `accelerate launch` the main process generates while the others wait,
+    then find the folder full.
+    """
+    from accelerate import PartialState
+
+    db = request.dreambooth
+    folder = db.class_folder(request.output)
+    wanted = db.num_class_images or DEFAULT_CLASS_IMAGES
+    if db.class_prompt is None or count_images(folder) >= wanted:
+        return folder, 0
+    state = PartialState(cpu=request.train.cpu)
+    made: list[Path] = []
+    with state.main_process_first():
+        # fp32 on purpose: the frozen parts are fp32 here, and an fp16 SDXL VAE overflows without its upcast.
+        pipe = parts.pipeline().to(state.device)
+        made = generate_class_images(
+            pipe,
+            folder,
+            db.class_prompt,
+            wanted,
+            seed=request.train.seed,
+            resolution=resolution,
+            steps=db.class_inference_steps,
+        )
+        del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return folder, len(made)
 
 
 def naming_for(model: Model) -> Naming:
@@ -137,7 +203,8 @@ def training_metadata(
         "ss_resolution": f"({data.resolution}, {data.resolution})",
         "ss_enable_bucket": str(data.buckets),
         "ss_num_train_images": str(summary.data.get("images", 0)),
-        "ss_prior_loss_weight": str(db.prior_loss_weight if db.class_data else 0.0),
+        "ss_prior_loss_weight": str(db.prior_loss_weight if db.enabled else 0.0),
+        "ss_num_reg_images": str(count_images(db.class_folder(request.output)) if db.enabled else 0),
         "ss_instance_prompt": db.instance_prompt or "",
         "ss_class_prompt": db.class_prompt or "",
         "ss_training_comment": "trained with sdcompress lora train",
@@ -205,7 +272,11 @@ def lora_train(request: LoraTrainRequest, progress: ProgressCallback | None = No
     model = load_trainable(request.model, request.allow_pickle)
     data = fit_data(request.data, model)
     db = request.dreambooth
-    prior = prior_config(db.class_data, data, db.class_prompt, db.prior_loss_weight)
+    parts = build_parts(model)
+    class_folder, generated = (
+        ensure_class_images(request, parts, data.resolution) if db.enabled else (None, 0)
+    )
+    prior = prior_config(class_folder, data, db.class_prompt, db.prior_loss_weight)
     naming = naming_for(model)
     save_dtype = resolve_dtype(request.save_dtype)
     stem = request.name or output.name
@@ -220,14 +291,17 @@ def lora_train(request: LoraTrainRequest, progress: ProgressCallback | None = No
             "adapter": asdict(request.adapter),
             "adapted_modules": task.adapted_count(),
             "text_encoder_lr": request.text_encoder_lr,
-            "dreambooth": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(db).items()},
+            "dreambooth": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(db).items()}
+            | (
+                {"class_folder": str(class_folder), "class_images_generated": generated} if db.enabled else {}
+            ),
             "files": [f.name for f in files],
         }
         (out / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
         written[:] = [output / f.name for f in files]
 
     task = LoraTrainTask(
-        build_parts(model),
+        parts,
         request.loss,
         request.adapter,
         text_encoder_lr=request.text_encoder_lr,
@@ -238,4 +312,5 @@ def lora_train(request: LoraTrainRequest, progress: ProgressCallback | None = No
     )
     result = run_training(task, replace(request.train, output_dir=output), data, progress)
     result.files = list(written)
+    result.class_images_generated = generated
     return result
