@@ -128,3 +128,17 @@ def test_finetune_resume_is_exact(tmp_path, data):
     assert any(not torch.equal(v, base[k]) for k, v in tensors_of(straight.output / unet).items())
     a, b = (json.loads((r.output / "sdcompress_run.json").read_text()) for r in (straight, resumed))
     assert a["loss_curve"] == b["loss_curve"]
+
+
+def test_finetune_reads_a_config_file_and_the_command_line_wins(cli, tmp_path, data):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'model = "tiny-sd"\ndata = "{data}"\nresolution = {RES}\n'
+        "[finetune]\nmax-steps = 3\nseed = 9\ncpu = true\ncheckpoint_every = 0\nnum-workers = 0\n",
+        encoding="utf-8",
+    )
+    r = cli("finetune", "--config", config, "-o", tmp_path / "out", "--max-steps", "1", "--json")
+    assert r.code == 0, r
+    assert json.loads(r.stdout)["steps"] == 1  # the command line wins
+    record = json.loads((tmp_path / "out" / "sdcompress_run.json").read_text())
+    assert record["base_model"] == "tiny-sd" and record["options"]["seed"] == 9  # the file is used

@@ -252,6 +252,20 @@ def test_class_data_too_small_without_a_class_prompt_is_refused(cli, tmp_path, d
     assert "--class-prompt" in message and "holds 1 images" in message
 
 
+def test_lora_train_reads_a_config_file_and_the_command_line_wins(cli, tmp_path, data):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'model = "tiny-sd"\ndata = "{data}"\nresolution = {RES}\ncpu = true\n'
+        "[lora]\nrank = 2\nalpha = 1.0\nmax_steps = 3\ncheckpoint-every = 0\nnum_workers = 0\n",
+        encoding="utf-8",
+    )
+    r = cli("lora", "train", "--config", config, "-o", tmp_path / "out", "--max-steps", "1", "--json")
+    assert r.code == 0, r
+    assert json.loads(r.stdout)["steps"] == 1  # the command line wins
+    meta = read_lora(tmp_path / "out" / "out.safetensors").metadata
+    assert meta["ss_network_dim"] == "2" and float(meta["ss_network_alpha"]) == 1.0  # the file is used
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
