@@ -198,3 +198,107 @@ def test_lora_ref_parse():
     assert LoraRef.parse("a.safetensors:0.5") == LoraRef("a.safetensors", 0.5)
     assert LoraRef.parse("a.safetensors") == LoraRef("a.safetensors", 1.0)
     assert LoraRef.parse("C:/x/a.safetensors") == LoraRef("C:/x/a.safetensors", 1.0)
+
+
+def _perturbed(model, seed):
+    """Every floating tensor of every component changed, so each block's weight shows in the result."""
+    import dataclasses
+
+    from sdcompress.checkpoint.tensors import LazyTensor
+
+    g = torch.Generator().manual_seed(seed)
+    comps = {}
+    for c, sd in model.components.items():
+        comps[c] = {
+            k: LazyTensor.of(v.load() + 0.01 * torch.randn(v.shape, generator=g).to(v.dtype))
+            if v.dtype.is_floating_point
+            else v
+            for k, v in sd.items()
+        }
+    return dataclasses.replace(model, components=comps)
+
+
+def test_block_weights_equal_plain_torch_per_block(tmp_path):
+    from sdcompress.arch.count import stage_of
+    from sdcompress.lowrank.block_weights import BlockWeights
+
+    a_model = tiny_model("tiny-sd")
+    save_single_file(a_model, tmp_path / "a.safetensors")
+    save_single_file(_perturbed(a_model, 7), tmp_path / "b.safetensors")
+    spec = "down=0.2,down.1=0.9,mid_block=0.5,up=0.8,te=0.1"
+    run_merge(
+        MergeRequest(
+            [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
+            str(tmp_path / "bw.safetensors"),
+            alpha=0.3,
+            block_weights=BlockWeights.parse(spec),
+        )
+    )
+    a, b, out = (load_model(tmp_path / f"{n}.safetensors").components for n in ("a", "b", "bw"))
+
+    def want_alpha(c, key):
+        if c == "text_encoder":
+            return 0.1
+        if c != "unet":
+            return 0.3  # the VAE is not named: --alpha
+        stage = stage_of(key)
+        return {"down_blocks.1": 0.9, "mid_block": 0.5}.get(
+            stage, 0.2 if stage.startswith("down") else 0.8 if stage.startswith("up") else 0.3
+        )
+
+    seen = set()
+    for c, sd in out.items():
+        for k, lt in sd.items():
+            if not lt.dtype.is_floating_point:
+                continue
+            x, y = a[c][k].load(), b[c][k].load()
+            w = want_alpha(c, k)
+            seen.add(w)
+            assert torch.equal(lt.load(), torch.lerp(x.float(), y.float(), w).to(x.dtype)), (c, k)
+    assert seen == {0.1, 0.2, 0.3, 0.5, 0.8, 0.9}
+
+
+def test_block_weights_most_specific_name_wins():
+    from sdcompress.lowrank.block_weights import BlockWeights
+
+    bw = BlockWeights.parse("unet=0.1, up=0.2, up_blocks.2=0.3, te2=0.4, te=0.5")
+    assert bw.alpha_for("unet", "up_blocks.2.resnets.0.conv1.weight") == 0.3
+    assert bw.alpha_for("unet", "up_blocks.1.resnets.0.conv1.weight") == 0.2
+    assert bw.alpha_for("unet", "conv_in.weight") == 0.1
+    assert bw.alpha_for("text_encoder_2", "text_model.final_layer_norm.weight") == 0.4
+    assert bw.alpha_for("text_encoder", "text_model.final_layer_norm.weight") == 0.5
+    assert bw.alpha_for("vae", "encoder.conv_in.weight") is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [("down=x", "not a number"), ("left=0.5", "not NAME=VALUE"), ("up=1,up=2", "twice"), (" , ", "empty")],
+)
+def test_block_weights_bad_spelling(spec, needle):
+    from sdcompress.lowrank.block_weights import BlockWeights
+
+    with pytest.raises(SdcError, match=needle):
+        BlockWeights.parse(spec)
+
+
+def test_block_weights_naming_a_missing_block_is_an_error(files, tmp_path):
+    from sdcompress.lowrank.block_weights import BlockWeights
+
+    with pytest.raises(SdcError, match="does not have"):
+        run_merge(
+            MergeRequest(
+                [str(files / "a.safetensors"), str(files / "b.safetensors")],
+                str(tmp_path / "x.safetensors"),
+                block_weights=BlockWeights.parse("up.9=0.5,te2=0.1"),
+            )
+        )
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(SdcError, match="two or more models"):
+        run_merge(
+            MergeRequest(
+                [str(files / "a.safetensors")],
+                str(tmp_path / "y.safetensors"),
+                loras=[LoraRef("l.safetensors")],
+                block_weights=BlockWeights.parse("up=0.5"),
+            )
+        )

@@ -10,6 +10,7 @@ from sdcompress.cli._lowrank_progress import progress_bar
 from sdcompress.cli._options import AllowPickle, DType, Json, Output, Overwrite
 from sdcompress.cli._output import emit_json, note, success
 from sdcompress.errors import SdcError
+from sdcompress.lowrank.block_weights import BlockWeights
 from sdcompress.lowrank.merge_math import METHODS
 from sdcompress.services.extract import DTYPES
 from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
@@ -31,6 +32,15 @@ def merge(
     alpha: Annotated[
         float | None,
         typer.Option("--alpha", help="weighted-sum: share of B; add-difference/ties/dare: scale."),
+    ] = None,
+    block_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--block-weights",
+            help="Checkpoint merges: per-block alpha, e.g. 'down=0.2,mid=0.5,up=0.8,te=0'. Names: unet, "
+            "down, down.N, mid, up, up.N, other (conv_in, embeddings, conv_out), te, te1, te2, vae; "
+            "the most specific wins, unnamed tensors use --alpha.",
+        ),
     ] = None,
     density: Annotated[
         float | None, typer.Option("--density", help="ties: share kept; dare: keep rate.")
@@ -56,6 +66,7 @@ def merge(
         loras=[LoraRef.parse(x) for x in lora or []],
         method=method,
         alpha=alpha,
+        block_weights=BlockWeights.parse(block_weights) if block_weights is not None else None,
         density=density,
         seed=seed,
         rank=rank,

@@ -23,6 +23,7 @@ from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.checkpoint.writers import save_diffusers, save_single_file
 from sdcompress.errors import SdcError
+from sdcompress.lowrank.block_weights import BlockWeights
 from sdcompress.lowrank.extract import check_same_architecture
 from sdcompress.lowrank.layouts import (
     KOHYA,
@@ -65,6 +66,7 @@ class MergeRequest:
     loras: list[LoraRef] = field(default_factory=list)
     method: str | None = None  # default: weighted-sum for two models, add-difference for three
     alpha: float | None = None
+    block_weights: BlockWeights | None = None  # checkpoint merges: per-block alpha overriding `alpha`
     density: float | None = None
     seed: int = 0
     rank: int | None = None  # LoRA + LoRA: re-rank to this by SVD of the summed delta
@@ -156,9 +158,19 @@ def _plus(w: LazyTensor, deltas: list[Callable[[tuple[int, ...]], torch.Tensor]]
 
 
 def merge_models(
-    models: list[Model], method: str, *, alpha: float | None, density: float | None, seed: int
+    models: list[Model],
+    method: str,
+    *,
+    alpha: float | None,
+    density: float | None,
+    seed: int,
+    block_weights: BlockWeights | None = None,
 ) -> Model:
-    """Tensor-by-tensor merge of same-architecture models; the first model's configs and dtypes."""
+    """Tensor-by-tensor merge of same-architecture models; the first model's configs and dtypes.
+
+    With `block_weights`, a tensor in a named block is merged with that block's
+    alpha instead of `alpha` (see `sdcompress.lowrank.block_weights`).
+    """
     m = get_method(method)
     lo, hi = m.n_models
     if not lo <= len(models) <= hi:
@@ -173,6 +185,8 @@ def merge_models(
                 "merge models of the same family."
             )
         check_same_architecture(first.components, other.components, list(first.components))
+    if block_weights is not None:
+        block_weights.check_covers(first.components)
     kwargs: dict[str, float] = {}
     if alpha is not None:
         kwargs["alpha"] = alpha
@@ -187,7 +201,11 @@ def merge_models(
             if not lt.dtype.is_floating_point:
                 out[key] = lt
                 continue
-            out[key] = _merged(parts, m.fn, {**kwargs, "seed": seed, "key_index": index})
+            key_kwargs = {**kwargs, "seed": seed, "key_index": index}
+            block_alpha = block_weights.alpha_for(c, key) if block_weights else None
+            if block_alpha is not None:
+                key_kwargs["alpha"] = block_alpha
+            out[key] = _merged(parts, m.fn, key_kwargs)
             index += 1
         components[c] = out
     return dataclasses.replace(first, components=components)
@@ -288,6 +306,8 @@ def merge_lora_files(
 
 def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeResult:
     check_output(request.output, overwrite=request.overwrite)
+    if request.block_weights is not None and len(request.models) < 2:
+        raise SdcError("--block-weights applies to checkpoint merges; give two or more models.")
     loras = [(read_lora(ref.path), ref.weight) for ref in request.loras]
     if not request.models:
         if not loras:
@@ -311,9 +331,18 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
     notes: list[str] = []
     if len(models) > 1:
         method = request.method or ("add-difference" if len(models) == 3 else "weighted-sum")
-        merged = merge_models(models, method, alpha=request.alpha, density=request.density, seed=request.seed)
+        merged = merge_models(
+            models,
+            method,
+            alpha=request.alpha,
+            density=request.density,
+            seed=request.seed,
+            block_weights=request.block_weights,
+        )
         kind = "checkpoint"
         notes.append(f"{method} of {len(models)} models")
+        if request.block_weights is not None:
+            notes.append(f"block weights {request.block_weights.describe()} (elsewhere --alpha)")
     else:
         if not loras:
             raise SdcError("one model and no --lora: nothing to merge; add --lora FILE or a second model.")
