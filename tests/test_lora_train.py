@@ -364,6 +364,10 @@ def test_lora_resume_is_exact(tmp_path, data):
     assert stopped.interrupted and stopped.steps == 2 and not first.output.exists()
     resumed = lora_train(replace(first, train=replace(first.train, resume="latest")))
     assert resumed.resumed_from == stopped.last_checkpoint and resumed.steps == 4
+    # the checkpoint holds the adapters, not the frozen model
+    saved = sum(p.stat().st_size for p in stopped.last_checkpoint.rglob("*.safetensors"))
+    frozen = sum(t.nbytes for t in load_model("tiny-sd").components["unet"].values())
+    assert saved < frozen / 10, (saved, frozen)
     assert_bit_identical(tensors_of(straight.files[0]), tensors_of(resumed.files[0]))
     a, b = (json.loads((r.output / "sdcompress_run.json").read_text()) for r in (straight, resumed))
     assert a["loss_curve"] == b["loss_curve"]

@@ -321,6 +321,7 @@ class _Loop:
         self.models = list(prepared[:-1])
         self.optimizer = prepared[-1]
         acc.register_for_checkpointing(self.lr_scheduler)
+        acc.register_save_state_pre_hook(_keep_trainable_weights)
         self.ema = None
         if config.ema:
             from diffusers.training_utils import EMAModel
@@ -336,7 +337,8 @@ class _Loop:
         path = ckpt.resolve_resume(self.config.resume, self.checkpoint_dir)
         if path is None:
             return None
-        self.accelerator.load_state(str(path))
+        # strict=False: checkpoints of adapter training hold only the trainable weights (see below)
+        self.accelerator.load_state(str(path), strict=False)
         state = ckpt.read_state(path)
         self.step = int(state["step"])
         self.history = list(state.get("loss_history", []))
@@ -575,3 +577,22 @@ def train(
         return loop.run()
     finally:
         _reset_accelerate_state()
+
+
+def _keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """Checkpoints keep what training changes: for LoRA, the adapters, not the frozen model.
+
+    accelerate saves every prepared model whole; for adapter training on SDXL
+    that is gigabytes per checkpoint for kilobytes of adapters. The frozen
+    weights come back from the base model on resume, so only parameters that
+    require grad are written (full fine-tuning keeps everything).
+    """
+    for model, state in zip(models, weights, strict=True):
+        inner = getattr(model, "module", model)
+        params = dict(inner.named_parameters())
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        if len(trainable) == len(params):
+            continue
+        for key in list(state):
+            if key.removeprefix("module.") not in trainable:
+                del state[key]
