@@ -174,3 +174,47 @@ def test_ema_weights_are_taken_when_asked(cli, tmp_path):
     assert not torch.all(plain.components["unet"]["conv_in.weight"].load() == 0.5)
     assert torch.all(ema.components["unet"]["conv_in.weight"].load() == 0.5)
     assert not plain.extras  # schedule buffers and EMA copies are dropped
+
+
+def test_lora_files_convert_between_layouts(cli, tmp_path):
+    """`convert` routes LoRA files to the layout converter: kohya -> PEFT -> kohya keeps every update."""
+    from sdcompress.checkpoint.tensors import LazyTensor
+    from sdcompress.lowrank.layouts import read_lora
+
+    base = load_model("tiny-sd")
+    unet = dict(base.components["unet"])
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    w = unet[key].load()
+    bump = torch.outer(torch.linspace(-1, 1, w.shape[0]), torch.linspace(1, 2, w.shape[1])) * 0.01
+    unet[key] = LazyTensor.of(w + bump)
+    save_single_file(base, tmp_path / "base.safetensors")
+    save_single_file(base.with_unet(unet, base.configs["unet"]), tmp_path / "tuned.safetensors")
+    r = cli(
+        "extract-lora",
+        tmp_path / "base.safetensors",
+        tmp_path / "tuned.safetensors",
+        "--rank",
+        "4",
+        "-o",
+        tmp_path / "kohya.safetensors",
+    )
+    assert r.code == 0, r
+    r = cli(
+        "convert",
+        tmp_path / "kohya.safetensors",
+        "-o",
+        tmp_path / "peft.safetensors",
+        "--to",
+        "peft",
+        "--json",
+    )
+    assert r.code == 0, r
+    assert json.loads(r.stdout)["format"] == "peft"
+    assert cli("convert", tmp_path / "peft.safetensors", "-o", tmp_path / "back.safetensors").code == 0
+    original, back = read_lora(tmp_path / "kohya.safetensors"), read_lora(tmp_path / "back.safetensors")
+    assert read_lora(tmp_path / "peft.safetensors").layout == "peft"
+    assert set(original.adapters) == set(back.adapters)
+    for name, adapter in original.adapters.items():
+        up, down = adapter.tensors["up"], adapter.tensors["down"]
+        shape = (up.shape[0], *down.shape[1:])
+        assert torch.allclose(adapter.delta(shape), back.adapters[name].delta(shape)), name
