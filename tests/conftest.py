@@ -8,12 +8,19 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 # Every test (and every subprocess it starts) builds the tiny models into one throwaway cache,
 # never touches the network, and never the user's own cache.
 os.environ.setdefault("SDCOMPRESS_CACHE", tempfile.mkdtemp(prefix="sdcompress-test-cache-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test models are tiny: one thread per process is as fast on an idle 2-core machine and stays
+# fast on a busy one, where OpenMP threads spinning against each other make torch 10-20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 class CliResult:
