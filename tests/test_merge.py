@@ -302,3 +302,21 @@ def test_block_weights_naming_a_missing_block_is_an_error(files, tmp_path):
                 block_weights=BlockWeights.parse("up=0.5"),
             )
         )
+
+
+def test_block_weights_through_the_cli(cli, files, tmp_path):
+    """The command line spelling reaches the merge: the U-Net's down stage takes its own alpha."""
+    out = tmp_path / "cli.safetensors"
+    r = cli("merge", files / "a.safetensors", files / "b.safetensors", "--alpha", "0.3",
+            "--block-weights", "down=0,up=1", "-o", out)  # fmt: skip
+    assert r.code == 0, r
+    a, b, merged = _unet(files / "a.safetensors"), _unet(files / "b.safetensors"), _unet(out)
+    for k in ("down_blocks.0.resnets.0.conv1.weight", "up_blocks.0.resnets.0.conv1.weight"):
+        assert not torch.equal(a[k], b[k])  # the inputs differ there, so the check below can fail
+    assert torch.equal(
+        merged["down_blocks.0.resnets.0.conv1.weight"], a["down_blocks.0.resnets.0.conv1.weight"]
+    )
+    assert torch.equal(merged["up_blocks.0.resnets.0.conv1.weight"], b["up_blocks.0.resnets.0.conv1.weight"])
+    bad = cli("merge", files / "a.safetensors", files / "b.safetensors", "--block-weights", "sideways=1",
+              "-o", tmp_path / "bad.safetensors")  # fmt: skip
+    assert bad.code == 2 and not (tmp_path / "bad.safetensors").exists()
