@@ -579,7 +579,9 @@ def train(
         _reset_accelerate_state()
 
 
-def _keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+def _keep_trainable_weights(
+    models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str
+) -> None:
     """Checkpoints keep what training changes: for LoRA, the adapters, not the frozen model.
 
     accelerate saves every prepared model whole; for adapter training on SDXL
