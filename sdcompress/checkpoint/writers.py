@@ -125,8 +125,13 @@ def save_diffusers(
     unet_only: bool = False,
     on_tensor: Progress | None = None,
     extra_files: dict[str, str] | None = None,
+    before_publish: Callable[[Path], None] | None = None,
 ) -> list[str]:
-    """Write a diffusers folder (a whole pipeline, or with `unet_only` a lone U-Net folder)."""
+    """Write a diffusers folder (a whole pipeline, or with `unet_only` a lone U-Net folder).
+
+    `before_publish(folder)` may add files (a single-file copy, say) to the folder before it is
+    renamed into place, so they appear together with the rest or not at all.
+    """
     notes: list[str] = []
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if unet_only or model.unet_only:
@@ -154,6 +159,8 @@ def save_diffusers(
                 )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if before_publish is not None:
+            before_publish(tmp)
     return notes
 
 

@@ -217,9 +217,18 @@ def finetune(request: FinetuneRequest, progress: ProgressCallback | None = None)
             "noise_offset": request.loss.noise.offset,
         }
         extra = {RUN_RECORD: json.dumps(record, indent=2, default=str) + "\n"}
-        save_diffusers(tuned, out, dtype=save_dtype, overwrite=True, extra_files=extra)
-        if request.save_single_file:
-            save_single_file(tuned, out / SINGLE_FILE, dtype=save_dtype, overwrite=True)
+
+        def single_file(folder: Path) -> None:
+            save_single_file(tuned, folder / SINGLE_FILE, dtype=save_dtype)
+
+        save_diffusers(
+            tuned,
+            out,
+            dtype=save_dtype,
+            overwrite=True,
+            extra_files=extra,
+            before_publish=single_file if request.save_single_file else None,
+        )
 
     task = FinetuneTask(
         build_parts(model),
