@@ -21,6 +21,15 @@ from sdcompress.checkpoint.tensors import StateDict
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
+def disk_size(path: Path | None) -> int | None:
+    """Bytes a file or a folder (every file under it) takes on disk; None for in-memory models."""
+    if path is None:
+        return None
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 @dataclass
 class Model:
     ref: str

@@ -10,10 +10,11 @@ import typer
 from sdcompress.cli._lowrank_progress import progress_bar
 from sdcompress.cli._options import AllowPickle, Device, Json, Output, Overwrite
 from sdcompress.cli._output import emit_json, human_bytes, note, out, success, table
+from sdcompress.devices import DTYPES, resolve_device
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.extract import BUDGET_RANK_CAP, DEFAULT_RANK, ExtractOptions
 from sdcompress.lowrank.rank import parse_size
-from sdcompress.services.extract import DTYPES, ExtractRequest, resolve_device, run_extract
+from sdcompress.services.extract import ExtractRequest, run_extract
 
 
 def extract_lora(
@@ -78,7 +79,7 @@ def extract_lora(
         size_budget=budget,
         text_encoder=not no_text_encoder,
         clamp_quantile=clamp_quantile,
-        device=resolve_device(device),
+        device=str(resolve_device(device)),
         dtype=DTYPES[dtype],
         seed=seed,
     )

@@ -9,10 +9,10 @@ import typer
 from sdcompress.cli._lowrank_progress import progress_bar
 from sdcompress.cli._options import AllowPickle, DType, Json, Output, Overwrite
 from sdcompress.cli._output import emit_json, note, success
+from sdcompress.devices import DTYPES
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.block_weights import BlockWeights
 from sdcompress.lowrank.merge_math import METHODS
-from sdcompress.services.extract import DTYPES
 from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
 
 

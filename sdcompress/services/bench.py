@@ -30,6 +30,7 @@ import torch
 
 from sdcompress.arch.families import FAMILIES, Config, Family, get_family
 from sdcompress.arch.presets import PRESETS, get_preset, preset_for_family
+from sdcompress.checkpoint.model import disk_size
 from sdcompress.devices import resolve_device, resolve_dtype
 from sdcompress.errors import SdcError
 
@@ -185,14 +186,6 @@ def _arch_subject(name: str, teacher: str | None, seed: int) -> _Subject:
     )
 
 
-def _disk_size(path: Path | None) -> int | None:
-    if path is None:
-        return None
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
     from sdcompress.checkpoint.instantiate import build_module
     from sdcompress.checkpoint.resolve import load_model
@@ -205,7 +198,7 @@ def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
         config=dict(model.configs["unet"]),
         vae_config=model.configs.get("vae") or model.family.vae,
         text_embed_dim=_text_embed_dim(model.configs, model.family),
-        size_on_disk=_disk_size(model.path),
+        size_on_disk=disk_size(model.path),
         unet_factory=lambda device, dtype: build_module(model, "unet", dtype=dtype, device=str(device)),
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.checkpoint.writers import save_diffusers, save_single_file
@@ -113,7 +114,7 @@ def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | 
             unet_only=req.unet_only,
             on_tensor=on_tensor,
         )
-        written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        written = disk_size(out) or 0
     return ConvertResult(
         src=req.src,
         output=str(out),

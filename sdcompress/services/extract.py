@@ -10,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from sdcompress.checkpoint.atomic import check_output
 from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.resolve import load_model
@@ -19,8 +17,6 @@ from sdcompress.errors import SdcError
 from sdcompress.lowrank.extract import Extraction, ExtractOptions, LayerResult, extract
 from sdcompress.lowrank.layouts import KOHYA, kohya_metadata, write_lora
 from sdcompress.lowrank.targets import Naming
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -57,15 +53,6 @@ class ExtractResult:
     rel_error: float
     retained: float
     family: str
-
-
-def resolve_device(device: str | None) -> str:
-    """`--device`: default CUDA when present; asking for CUDA without one is a user error."""
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SdcError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu.")
-    return device
 
 
 def naming_for(model: Model) -> Naming:

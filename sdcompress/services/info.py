@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sdcompress.arch.count import count_by_stage, count_state_dict, meta_state_dict, meta_unet
 from sdcompress.arch.families import get_family
 from sdcompress.arch.layout import layout_from_config
 from sdcompress.arch.presets import get_preset, preset_for_family
-from sdcompress.checkpoint.model import Model
+from sdcompress.checkpoint.model import Model, disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.errors import SdcError
 
@@ -36,14 +35,6 @@ class InfoResult:
         return asdict(self)
 
 
-def _disk_size(path: Path | None) -> int | None:
-    if path is None:
-        return None
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def model_info(model: Model) -> InfoResult:
     unet_cfg = model.configs["unet"]
     return InfoResult(
@@ -58,7 +49,7 @@ def model_info(model: Model) -> InfoResult:
         unet_stages=count_by_stage(model.components["unet"]),
         transformer_blocks=layout_from_config(unet_cfg).transformer_blocks(),
         unet_config=unet_cfg,
-        size_on_disk=_disk_size(model.path),
+        size_on_disk=disk_size(model.path),
         notes=list(model.notes),
     )
 

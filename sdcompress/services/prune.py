@@ -23,7 +23,7 @@ from sdcompress.arch.families import Config
 from sdcompress.arch.layout import layout_from_config
 from sdcompress.arch.presets import preset_for_family
 from sdcompress.checkpoint.atomic import check_output
-from sdcompress.checkpoint.model import Model
+from sdcompress.checkpoint.model import Model, disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor
 from sdcompress.checkpoint.writers import save_diffusers
@@ -202,10 +202,6 @@ def _stages(teacher: dict[str, int], student: dict[str, int]) -> list[dict[str, 
     return [{"stage": s, "teacher": teacher.get(s, 0), "student": student.get(s, 0)} for s in names]
 
 
-def _disk_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def prune(
     req: PruneRequest,
     *,
@@ -337,6 +333,6 @@ def prune(
         on_tensor=on_tensor,
         extra_files={RECORD_FILE: json.dumps(record, indent=2) + "\n"},
     )
-    result.size_on_disk = _disk_size(out)
+    result.size_on_disk = disk_size(out) or 0
     result.seconds = time.perf_counter() - start
     return result
