@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sdcompress.arch.families import FAMILIES, Config
+from sdcompress.arch.families import Config
 from sdcompress.arch.infer import infer_unet_config
 from sdcompress.arch.layout import layout_from_config
 from sdcompress.checkpoint.keymap import text as text_map
@@ -386,4 +386,4 @@ def _finish_folder(
     )
 
 
-__all__ = ["load_model", "split_single_file", "HUB_ALIASES", "TINY_MODELS", "EXTRAS_FILE", "FAMILIES"]
+__all__ = ["load_model", "split_single_file", "HUB_ALIASES", "TINY_MODELS", "EXTRAS_FILE"]

@@ -93,28 +93,17 @@ def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | 
     if device.type != "cpu":
         model.components = {k: _on_device(v, device) for k, v in model.components.items()}
     notes = list(model.notes)
-    if target == "single-file":
-        notes += save_single_file(
-            model,
-            out,
-            dtype=dtype,
-            vae_dtype=vae_dtype,
-            overwrite=req.overwrite,
-            unet_only=req.unet_only,
-            on_tensor=on_tensor,
-        )
-        written = out.stat().st_size
-    else:
-        notes += save_diffusers(
-            model,
-            out,
-            dtype=dtype,
-            vae_dtype=vae_dtype,
-            overwrite=req.overwrite,
-            unet_only=req.unet_only,
-            on_tensor=on_tensor,
-        )
-        written = disk_size(out) or 0
+    save = save_single_file if target == "single-file" else save_diffusers
+    notes += save(
+        model,
+        out,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        overwrite=req.overwrite,
+        unet_only=req.unet_only,
+        on_tensor=on_tensor,
+    )
+    written = disk_size(out) or 0
     return ConvertResult(
         src=req.src,
         output=str(out),
