@@ -47,25 +47,3 @@ def random_student(teacher: Model, preset: str, seed: int = 0) -> Model:
     gen = torch.Generator().manual_seed(seed)
     sd = {k: LazyTensor.of(torch.randn(v.shape, generator=gen)) for k, v in module.state_dict().items()}
     return teacher.with_unet(sd, cfg)
-
-
-def random_full_model(family: str, dtype: torch.dtype = torch.float16, seed: int = 0) -> Model:
-    """A full-size pipeline whose weights are drawn tensor by tensor as they are written (low memory)."""
-    meta = meta_model(family)
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(shape: tuple[int, ...]) -> torch.Tensor:
-        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
-
-    components = {
-        name: {k: LazyTensor(v.shape, dtype, lambda s=v.shape: draw(s)) for k, v in sd.items()}
-        for name, sd in meta.components.items()
-    }
-    return Model(
-        ref=f"random:{family}",
-        path=None,
-        format="diffusers",
-        family=meta.family,
-        components=components,
-        configs=meta.configs,
-    )

@@ -1,18 +1,21 @@
-"""Shared fixtures: an isolated cache for the tiny models, and a way to run the CLI in-process."""
+"""Shared fixtures: the model cache, one torch thread, and a way to run the CLI in-process."""
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-# Every test (and every subprocess it starts) builds the tiny models into one throwaway cache,
-# never touches the network, and never the user's own cache.
-os.environ.setdefault("SDCOMPRESS_CACHE", tempfile.mkdtemp(prefix="sdcompress-test-cache-"))
+from sdcompress.checkpoint.tiny import cache_dir
+
+# Every test (and every subprocess it starts) reads the tiny models and the full-size random models
+# from one cache that outlives the run (SDCOMPRESS_CACHE, by default ~/.cache/sdcompress): each is
+# deterministic and versioned, made once and reused, so test runs do not pile up copies in the
+# system's temporary folder. The README's development section lists it. Tests never touch the network.
+os.environ["SDCOMPRESS_CACHE"] = str(cache_dir())
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test models are tiny: one thread per process is as fast on an idle 2-core machine and stays

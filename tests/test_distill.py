@@ -19,14 +19,6 @@ from sdcompress.training.features import pair_features
 from sdcompress.training.task import DiffusionParts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return write_demo_dataset(tmp_path_factory.mktemp("data") / "shapes", 4, size=40)

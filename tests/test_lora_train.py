@@ -25,15 +25,6 @@ from sdcompress.training.task import DiffusionParts, LossConfig
 RES = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train much faster on one thread, above all on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_demo_dataset(tmp_path_factory.mktemp("data") / "shapes", 4, size=RES)

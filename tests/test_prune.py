@@ -29,15 +29,6 @@ COUNTS = [
 FAST = {"calibration_samples": 2, "calibration_size": 32, "batch_size": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are faster on one thread, and the CI box is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _student_on_meta(family: str, **options):
     """Plan and build a student from a full-size meta teacher (positional choice: no weights needed)."""
     model = meta_model(family, unet_only=True)

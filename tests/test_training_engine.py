@@ -43,15 +43,6 @@ def micro_unet(text_dim: int, layers: int, seed: int) -> torch.nn.Module:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Micro models run faster on one thread, especially on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_pipe():
     from sdcompress.checkpoint.instantiate import build_pipeline
