@@ -13,6 +13,7 @@ against `safetensors.safe_open`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sdcompress.checkpoint.atomic import atomic_file
+from sdcompress.checkpoint.atomic import Overwrite, atomic_file
 from sdcompress.checkpoint.tensors import LazyTensor, RawRange, StateDict, dtype_size
 from sdcompress.errors import SdcError
 
@@ -42,59 +43,39 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000
 _ALIGN = 8
+Entry = tuple[str, tuple[int, ...], int, int]
 
 
 class SafetensorsFile:
-    """The header of a safetensors file, with lazy tensors that read on demand."""
+    """The header of a safetensors file, with lazy tensors that read on demand.
+
+    The header is validated whole before anything uses it (see `parse_header`), so a
+    malformed or hostile file is one `SdcError`, never a crash further down.
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = str(path)
         p = Path(self.path)
-        if not p.is_file():
-            raise SdcError(f"{self.path} does not exist or is not a file.")
-        size = p.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SdcError(f"{self.path} is not a safetensors file (it is only {size} bytes long).")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > _MAX_HEADER or 8 + hlen > size:
-                raise SdcError(
-                    f"{self.path} is not a valid safetensors file (bad header length); "
-                    "it may be truncated or another format."
-                )
-            try:
-                header = json.loads(f.read(hlen))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise SdcError(
-                    f"{self.path} is not a valid safetensors file (its header is not JSON)."
-                ) from None
-        if not isinstance(header, dict):
-            raise SdcError(f"{self.path} is not a valid safetensors file (its header is not a table).")
-        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        try:
+            if not p.is_file():
+                raise SdcError(f"{self.path} does not exist or is not a file.")
+            size = p.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise SdcError(f"{self.path} is not a safetensors file (it is only {size} bytes long).")
+                (hlen,) = struct.unpack("<Q", head)
+                if hlen > _MAX_HEADER or 8 + hlen > size:
+                    raise SdcError(
+                        f"{self.path} is not a valid safetensors file (bad header length); "
+                        "it may be truncated or another format."
+                    )
+                raw = f.read(hlen)
+        except OSError as e:  # a symlink loop, a permission problem, a device that fails to read
+            raise SdcError(f"cannot read {self.path}: {e.strerror or e}.") from None
+        self.metadata, self.entries = parse_header(raw, size - 8 - hlen, self.path)
         self.data_start = 8 + hlen
         self.size = size
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise SdcError(f"{self.path} has a malformed header entry for {name!r}.") from None
-            if dtype_name not in DTYPES:
-                raise SdcError(
-                    f"{self.path} holds {name!r} in dtype {dtype_name}, which sdcompress cannot read."
-                )
-            if self.data_start + end > size:
-                raise SdcError(
-                    f"{self.path} is truncated: tensor {name!r} ends past the end of the file; "
-                    "download or copy it again."
-                )
-            expected = dtype_size(DTYPES[dtype_name])
-            for d in shape:
-                expected *= d
-            if end - begin != expected:
-                raise SdcError(f"{self.path} is corrupt: tensor {name!r} has the wrong byte length.")
-            self.entries[name] = (dtype_name, shape, begin, end)
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -113,6 +94,88 @@ class SafetensorsFile:
 
     def state_dict(self) -> StateDict:
         return {name: self.lazy(name) for name in self.entries}
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _load_json(raw: bytes, path: str) -> object:
+    """The header as JSON: strict (no NaN, no duplicate keys), and deep nesting is an error, not a crash."""
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except RecursionError:
+        raise SdcError(f"{path} is not a valid safetensors file (its header is nested too deeply).") from None
+    except (UnicodeDecodeError, ValueError):
+        raise SdcError(f"{path} is not a valid safetensors file (its header is not JSON).") from None
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int  # bool is an int subclass and float offsets are not offsets
+
+
+def _entry(name: str, info: object, data_len: int, path: str) -> Entry:
+    """One tensor's (dtype, shape, begin, end), every field checked against the format."""
+    bad = f"{path} is not a valid safetensors file (the header entry for {name!r} is malformed"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise SdcError(f"{bad}: it needs dtype, shape and data_offsets).")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str):
+        raise SdcError(f"{bad}: its dtype is not a name).")
+    if dtype_name not in DTYPES:
+        raise SdcError(f"{path} holds {name!r} in dtype {dtype_name}, which sdcompress cannot read.")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise SdcError(f"{bad}: its shape is not a list of non-negative integers).")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise SdcError(f"{bad}: its data_offsets are not two integers).")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise SdcError(f"{bad}: its data_offsets are out of order).")
+    if end > data_len:
+        raise SdcError(
+            f"{path} is truncated: tensor {name!r} ends past the end of the file; download or copy it again."
+        )
+    expected = dtype_size(DTYPES[dtype_name])
+    for d in shape:
+        expected *= d
+    if end - begin != expected:
+        raise SdcError(f"{path} is corrupt: tensor {name!r} has the wrong byte length.")
+    return dtype_name, tuple(shape), begin, end
+
+
+def parse_header(raw: bytes, data_len: int, path: str) -> tuple[dict[str, str], dict[str, Entry]]:
+    """Validate a header whole: its JSON, `__metadata__` (str -> str), and every tensor entry.
+
+    `data_len` is the size of the data section after the header. Offsets must be
+    integers inside it and tensors must not overlap; shape times dtype size must equal the
+    byte length. The safetensors library checks the same when it opens a file; we read
+    files ourselves (see the module docstring), so we must check them ourselves.
+    """
+    header = _load_json(raw, path)
+    if not isinstance(header, dict):
+        raise SdcError(f"{path} is not a valid safetensors file (its header is not a table).")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SdcError(
+            f"{path} is not a valid safetensors file (its __metadata__ is not a table of strings)."
+        )
+    entries = {name: _entry(name, info, data_len, path) for name, info in header.items()}
+    previous_end, previous = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < previous_end:
+            raise SdcError(f"{path} is corrupt: tensors {previous!r} and {name!r} overlap.")
+        if end > begin:
+            previous_end, previous = end, name
+    return dict(metadata), entries
 
 
 def read_tensor(
@@ -161,7 +224,9 @@ def _copy_range(src: RawRange, dst_fd: int) -> None:
         while left:
             try:
                 n = os.copy_file_range(f.fileno(), dst_fd, left, off)
-            except OSError:
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                    raise  # a real write failure, not "cannot copy between these files"
                 n = 0
             if n <= 0:  # not supported across these file systems: plain copy of the rest
                 f.seek(off)
@@ -171,7 +236,7 @@ def _copy_range(src: RawRange, dst_fd: int) -> None:
                         raise SdcError(
                             f"{src.path} ended early while copying a tensor; the file is truncated."
                         )
-                    os.write(dst_fd, chunk)
+                    _write_all(dst_fd, memoryview(chunk))
                     left -= len(chunk)
                     off += len(chunk)
                 return
@@ -186,9 +251,13 @@ def _write_tensor(t: torch.Tensor, dst_fd: int) -> None:
     t = t.contiguous()
     if t.numel() == 0:
         return
-    data = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # reshape first: 0-d tensors (logit_scale)
+    _write_all(dst_fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # reshape: 0-d tensors
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """os.write may write less than asked (a signal, a nearly full disk): loop until all is out."""
     while data:
-        n = os.write(dst_fd, data)
+        n = os.write(fd, data)
         data = data[n:]
 
 
@@ -197,7 +266,7 @@ def write_safetensors(
     sd: Mapping[str, LazyTensor],
     metadata: Mapping[str, str] | None = None,
     *,
-    overwrite: bool = False,
+    overwrite: bool | Overwrite = False,
     on_tensor: Callable[[str, LazyTensor], None] | None = None,
 ) -> None:
     """Write `sd` to `path` atomically, loading at most one tensor at a time.
@@ -207,10 +276,11 @@ def write_safetensors(
     dtype, and written.
     """
     header = _header_bytes(sd, metadata)
-    with atomic_file(path, overwrite=overwrite) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    size = len(header) + sum(t.nbytes for t in sd.values())
+    with atomic_file(path, overwrite=overwrite, size=size) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
         try:
-            os.write(fd, header)
+            _write_all(fd, memoryview(header))
             for name, lt in sd.items():
                 if lt.raw is not None and sum(r.nbytes for r in lt.raw) == lt.nbytes:
                     for r in lt.raw:

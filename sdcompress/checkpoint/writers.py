@@ -18,7 +18,7 @@ import torch
 
 from sdcompress import __version__
 from sdcompress.arch.families import Config
-from sdcompress.checkpoint.atomic import atomic_dir
+from sdcompress.checkpoint.atomic import Overwrite, atomic_dir
 from sdcompress.checkpoint.keymap import text as text_map
 from sdcompress.checkpoint.keymap import unet as unet_map
 from sdcompress.checkpoint.keymap import vae as vae_map
@@ -115,13 +115,25 @@ def _write_tokenizers(model: Model, dst: Path) -> list[str]:
     return notes
 
 
+def _weight_bytes(
+    model: Model, dtype: torch.dtype | None, vae_dtype: torch.dtype | None, unet_only: bool
+) -> int:
+    """What the weight files of a diffusers folder take (configs and tokenizers are a rounding error)."""
+    whole = not (unet_only or model.unet_only)
+    total = sum(t.nbytes for t in model.extras.values()) if whole else 0
+    for name in model.components if whole else ["unet"]:
+        sd = cast(model.components[name], component_dtype(model, name, dtype, vae_dtype))
+        total += sum(t.nbytes for t in sd.values())
+    return total
+
+
 def save_diffusers(
     model: Model,
     out: str | Path,
     *,
     dtype: torch.dtype | None = None,
     vae_dtype: torch.dtype | None = None,
-    overwrite: bool = False,
+    overwrite: bool | Overwrite = False,
     unet_only: bool = False,
     on_tensor: Progress | None = None,
     extra_files: dict[str, str] | None = None,
@@ -133,7 +145,7 @@ def save_diffusers(
     renamed into place, so they appear together with the rest or not at all.
     """
     notes: list[str] = []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, size=_weight_bytes(model, dtype, vae_dtype, unet_only)) as tmp:
         if unet_only or model.unet_only:
             _write_json(tmp / "config.json", _component_config("unet", model.configs["unet"]))
             write_safetensors(
@@ -238,7 +250,7 @@ def save_single_file(
     *,
     dtype: torch.dtype | None = None,
     vae_dtype: torch.dtype | None = None,
-    overwrite: bool = False,
+    overwrite: bool | Overwrite = False,
     unet_only: bool = False,
     on_tensor: Progress | None = None,
 ) -> list[str]:
