@@ -56,11 +56,9 @@ class Overwrite(enum.IntEnum):
     ANY = 2  # --overwrite-foreign: replace it whatever it holds
 
 
-def overwrite_mode(overwrite: bool, foreign: bool = False) -> Overwrite:
+def overwrite_mode(overwrite: bool | Overwrite, foreign: bool = False) -> Overwrite:
     """The policy the `--overwrite` / `--overwrite-foreign` flags ask for (the stronger flag implies the other)."""
-    if foreign:
-        return Overwrite.ANY
-    return Overwrite.OURS if overwrite else Overwrite.NEVER
+    return Overwrite.ANY if foreign else Overwrite(int(overwrite))
 
 
 # ---------------------------------------------------------------------------- paths
@@ -366,3 +364,32 @@ def atomic_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def replacing_dir(path: PathLike, *, overwrite: bool | Overwrite = False) -> Iterator[Path]:
+    """Build a folder in place at `path`, with the old output moved aside until the new one is done.
+
+    For jobs whose files record their own paths (the demo's run records name the student it
+    distilled), so they cannot be built under a temporary name. The old output is restored if
+    the block fails; a reader may see the new folder while it grows, never a mix of old and new.
+    """
+    target = _target(path, overwrite, "dir", None)
+    old = None
+    if os.path.lexists(target):
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        old.rmdir()
+        os.replace(target, old)
+    try:
+        target.mkdir()
+        with _disk_full_as_error(target, None):
+            yield target
+            write_manifest(target)
+        apply_umask(target, like=old)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 Output = Annotated[str, typer.Option("--output", "-o", help="Where to write the result.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+
+
+def _overwrite_foreign(ctx: typer.Context, value: bool) -> bool:
+    ctx.meta["overwrite_foreign"] = value
+    return value
+
+
+def _overwrite(ctx: typer.Context, value: bool) -> Any:
+    """`--overwrite` and `--overwrite-foreign` arrive as one policy (`atomic.Overwrite`) in `overwrite`."""
+    from sdcompress.checkpoint.atomic import overwrite_mode
+
+    return overwrite_mode(value, ctx.meta.get("overwrite_foreign", False))
+
+
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        callback=_overwrite,
+        help="Replace an existing output that sdcompress wrote (a folder holding other files is refused).",
+    ),
+]
+# Declared next to --overwrite in every command that writes; eager, so --overwrite's callback sees it.
+OverwriteForeign = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite-foreign",
+        callback=_overwrite_foreign,
+        is_eager=True,
+        help="Replace an existing output folder even if it holds files sdcompress did not write "
+        "(they are deleted; implies --overwrite).",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 AllowPickle = Annotated[
     bool,

@@ -7,7 +7,16 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sdcompress.cli._options import AllowPickle, Device, DType, Json, Output, Overwrite, Tokenizer
+from sdcompress.cli._options import (
+    AllowPickle,
+    Device,
+    DType,
+    Json,
+    Output,
+    Overwrite,
+    OverwriteForeign,
+    Tokenizer,
+)
 from sdcompress.cli._output import emit_json, err, human_bytes, note, success
 from sdcompress.services.convert import ConvertRequest
 from sdcompress.services.convert import convert as run_convert
@@ -42,6 +51,7 @@ def convert(
     tokenizer: Tokenizer = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
+    overwrite_foreign: OverwriteForeign = False,
     allow_pickle: AllowPickle = False,
     json_: Json = False,
 ) -> None:

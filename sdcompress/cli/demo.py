@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sdcompress.cli._options import Json, Overwrite
+from sdcompress.cli._options import Json, Overwrite, OverwriteForeign
 from sdcompress.cli._output import emit_json, human_bytes, human_count, note, out, success, table
 
 
@@ -16,6 +16,7 @@ def demo(
     ] = "sdcompress-demo",
     steps: Annotated[int, typer.Option("--steps", help="Distillation steps.")] = 30,
     overwrite: Overwrite = False,
+    overwrite_foreign: OverwriteForeign = False,
     json_: Json = False,
 ) -> None:
     """Run prune -> distill -> extract-lora -> convert -> bench on the built-in tiny SDXL-shaped model, offline."""

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sdcompress.cli import _training_options as T
-from sdcompress.cli._options import AllowPickle, DType, Json, Overwrite
+from sdcompress.cli._options import AllowPickle, DType, Json, Overwrite, OverwriteForeign
 from sdcompress.cli._output import emit_json, err, note, success, table
 from sdcompress.training.distill_task import DistillWeights
 from sdcompress.training.features import FEATURE_MODES
@@ -84,6 +84,7 @@ def distill(
     save_dtype: DType = None,
     config: T.Config = None,
     overwrite: Overwrite = False,
+    overwrite_foreign: OverwriteForeign = False,
     allow_pickle: AllowPickle = False,
     json_: Json = False,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sdcompress.cli._lowrank_progress import progress_bar
-from sdcompress.cli._options import AllowPickle, Device, Json, Output, Overwrite
+from sdcompress.cli._options import AllowPickle, Device, Json, Output, Overwrite, OverwriteForeign
 from sdcompress.cli._output import emit_json, human_bytes, note, out, success, table
 from sdcompress.devices import DTYPES, resolve_device
 from sdcompress.errors import SdcError
@@ -57,6 +57,7 @@ def extract_lora(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")] = 0,
     json_: Json = False,
     overwrite: Overwrite = False,
+    overwrite_foreign: OverwriteForeign = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Extract a LoRA from the difference between a fine-tuned model and its base."""

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sdcompress.cli import _training_options as T
-from sdcompress.cli._options import AllowPickle, Json, Overwrite
+from sdcompress.cli._options import AllowPickle, Json, Overwrite, OverwriteForeign
 from sdcompress.cli._output import err, note, success
 from sdcompress.cli.finetune import report
 from sdcompress.training.lora_task import ADAPTER_TYPES, TARGET_SETS
@@ -148,6 +148,7 @@ def train(
     report_to: T.ReportTo = "none",
     config: T.Config = None,
     overwrite: Overwrite = False,
+    overwrite_foreign: OverwriteForeign = False,
     allow_pickle: AllowPickle = False,
     json_: Json = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from sdcompress.cli._lowrank_progress import progress_bar
-from sdcompress.cli._options import AllowPickle, DType, Json, Output, Overwrite
+from sdcompress.cli._options import AllowPickle, DType, Json, Output, Overwrite, OverwriteForeign
 from sdcompress.cli._output import emit_json, note, success
 from sdcompress.devices import DTYPES
 from sdcompress.errors import SdcError
@@ -53,6 +53,7 @@ def merge(
     dtype: DType = None,
     json_: Json = False,
     overwrite: Overwrite = False,
+    overwrite_foreign: OverwriteForeign = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Merge models and LoRAs, tensor by tensor. Output .safetensors: one file; else a diffusers folder."""

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sdcompress.cli._options import AllowPickle, Device, Json, Output, Overwrite
+from sdcompress.cli._options import AllowPickle, Device, Json, Output, Overwrite, OverwriteForeign
 from sdcompress.cli._output import emit_json, err, human_bytes, human_count, note, out, success, table
 from sdcompress.services.prune import PruneRequest
 from sdcompress.services.prune import prune as run_prune
@@ -137,6 +137,7 @@ def prune(
     ] = False,
     device: Device = "auto",
     overwrite: Overwrite = False,
+    overwrite_foreign: OverwriteForeign = False,
     allow_pickle: AllowPickle = False,
     json_: Json = False,
 ) -> None:

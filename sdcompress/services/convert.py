@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -80,9 +79,8 @@ def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | 
     vae_dtype = resolve_dtype(req.vae_dtype)
     device = resolve_device(req.device)
     target = _target(req)
-    out = check_output(req.output, overwrite=req.overwrite)
-    if Path(req.src).expanduser().resolve() == out.resolve():
-        raise SdcError("the output is the input; choose another output path (inputs are never modified).")
+    kind = "file" if target == "single-file" else "dir"
+    out = check_output(req.output, overwrite=req.overwrite, inputs=[req.src, req.tokenizer], kind=kind)
     model = load_model(
         req.src,
         allow_pickle=req.allow_pickle,

@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.atomic import replacing_dir
 
 Report = Callable[[str], None]
 
@@ -42,6 +43,14 @@ class DemoResult:
 
 
 def run_demo(req: DemoRequest, report: Report | None = None) -> DemoResult:
+    """Run every step into `req.output`; an old demo folder there stays intact until the new one is done."""
+    say = report or (lambda _msg: None)
+    start = time.perf_counter()
+    with replacing_dir(req.output, overwrite=req.overwrite) as root:
+        return _run_steps(req, root, say, start)
+
+
+def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoResult:
     from sdcompress.services.bench import BenchRequest, bench
     from sdcompress.services.convert import ConvertRequest, convert
     from sdcompress.services.distill import DistillRequest, distill
@@ -51,14 +60,6 @@ def run_demo(req: DemoRequest, report: Report | None = None) -> DemoResult:
     from sdcompress.training.demo_data import write_demo_dataset
     from sdcompress.training.engine import TrainConfig
 
-    say = report or (lambda _msg: None)
-    start = time.perf_counter()
-    root = check_output(req.output, overwrite=req.overwrite)
-    if root.exists():
-        import shutil
-
-        shutil.rmtree(root) if root.is_dir() else root.unlink()
-    root.mkdir(parents=True)
     paths = {
         "data": root / "data",
         "student": root / "student",

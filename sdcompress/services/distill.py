@@ -141,7 +141,8 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     from sdcompress.checkpoint.tensors import lazy_state_dict
     from sdcompress.checkpoint.writers import save_diffusers
 
-    output = check_output(request.output, overwrite=request.train.overwrite)
+    inputs = [request.teacher, request.student, request.data.data_dir, request.train.work_dir]
+    output = check_output(request.output, overwrite=request.train.overwrite, inputs=inputs, kind="dir")
     request.train.validate()
     teacher, student = _load(request)
     data = replace(

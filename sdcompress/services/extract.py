@@ -83,7 +83,9 @@ def summarize(layers: list[LayerResult]) -> list[BlockSummary]:
 def run_extract(
     request: ExtractRequest, progress: Callable[[str, int, int], None] | None = None
 ) -> ExtractResult:
-    check_output(request.output, overwrite=request.overwrite)
+    check_output(
+        request.output, overwrite=request.overwrite, inputs=[request.base, request.tuned], kind="file"
+    )
     if Path(request.output).suffix != ".safetensors":
         raise SdcError(
             f"{request.output} must end in .safetensors; LoRAs are written as one safetensors file."

@@ -266,7 +266,8 @@ def lora_train(request: LoraTrainRequest, progress: ProgressCallback | None = No
     """Run (or resume) LoRA training and write the adapter file(s)."""
     from sdcompress.devices import resolve_dtype
 
-    output = check_output(request.output, overwrite=request.train.overwrite)
+    inputs = [request.model, request.data.data_dir, request.dreambooth.class_data, request.train.work_dir]
+    output = check_output(request.output, overwrite=request.train.overwrite, inputs=inputs, kind="dir")
     request.train.validate()
     _check(request)
     model = load_trainable(request.model, request.allow_pickle)

@@ -305,7 +305,9 @@ def merge_lora_files(
 
 
 def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeResult:
-    check_output(request.output, overwrite=request.overwrite)
+    inputs = [*request.models, *(ref.path for ref in request.loras)]
+    kind = "file" if Path(request.output).suffix == ".safetensors" else "dir"
+    check_output(request.output, overwrite=request.overwrite, inputs=inputs, kind=kind)
     if request.block_weights is not None and len(request.models) < 2:
         raise SdcError("--block-weights applies to checkpoint merges; give two or more models.")
     loras = [(read_lora(ref.path), ref.weight) for ref in request.loras]

@@ -211,7 +211,7 @@ def prune(
     start = time.perf_counter()
     if req.select not in METHODS:
         raise SdcError(f"--select must be one of {', '.join(METHODS)}, not {req.select!r}.")
-    out = check_output(req.output, overwrite=req.overwrite)
+    out = check_output(req.output, overwrite=req.overwrite, inputs=[req.teacher, req.prompts], kind="dir")
     model = load_model(req.teacher, allow_pickle=req.allow_pickle)
     if model.path is not None and out.resolve() == Path(model.path).resolve():
         raise SdcError("the output is the teacher; choose another output path (inputs are never modified).")
