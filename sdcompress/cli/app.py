@@ -40,6 +40,9 @@ def _root(
     ] = False,
 ) -> None:
     _state["debug"] = debug or os.environ.get("SDCOMPRESS_DEBUG") == "1"
+    from sdcompress.cli import _noise
+
+    _noise.configure(_state["debug"])
 
 
 def _register() -> None:
