@@ -1,12 +1,13 @@
-"""Choosing the device and dtype the user asked for, with a clear error when it is not there."""
+"""Choosing the device the user asked for, with a clear error when it is not there.
+
+The dtype is a fixed set of names: `sdcompress.choices.resolve_dtype`.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from sdcompress.errors import SdcError
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -26,13 +27,3 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type not in ("cpu", "mps"):
         raise SdcError(f"--device {name!r} is not supported; use auto, cpu or cuda.")
     return device
-
-
-def resolve_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    key = name.lower().replace("float", "fp").replace("fp32", "fp32")
-    key = {"half": "fp16", "bfloat16": "bf16", "fp": "fp32"}.get(key, key)
-    if key not in DTYPES:
-        raise SdcError(f"--dtype {name!r} is not supported; use fp32, fp16 or bf16.")
-    return DTYPES[key]

@@ -27,6 +27,7 @@ from sdcompress.checkpoint.keymap import vae as vae_map
 from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.safetensors_io import SafetensorsFile
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
+from sdcompress.choices import PredictionType
 from sdcompress.errors import SdcError
 
 HUB_ALIASES: dict[str, str] = {
@@ -70,11 +71,12 @@ def load_model(
 ) -> Model:
     """Resolve `ref` and read its headers into a lazy `Model`."""
     text = str(ref)
+    prediction_type = PredictionType.parse_optional(prediction_type, "--prediction-type")
     if text.lower() in TINY_MODELS:
         from sdcompress.checkpoint.tiny import tiny_model_path
 
         model = load_model(
-            tiny_model_path(text.lower()), tokenizer=tokenizer, prediction_type=prediction_type
+            tiny_model_path(text.lower()), ema=ema, tokenizer=tokenizer, prediction_type=prediction_type
         )
         model.ref = text.lower()
         return model
@@ -127,7 +129,9 @@ def _download(repo: str) -> Path:
 
 def _load_path(path: Path, *, allow_pickle: bool, ema: bool, prediction_type: str | None) -> Model:
     if path.is_dir():
-        return _load_folder(path, prediction_type=prediction_type)
+        if ema:
+            raise SdcError(f"{path} is a diffusers folder, which keeps no EMA copy to take; drop --ema.")
+        return _load_folder(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         sd, metadata = _load_pickle(path, allow_pickle), {}
     else:
@@ -281,9 +285,7 @@ def _text_to_diffusers(te_sf: StateDict, spec: Any, where: str) -> tuple[StateDi
 
 def _is_v_prediction(sd: StateDict, meta: dict[str, str], override: str | None) -> bool | None:
     if override is not None:
-        if override not in ("epsilon", "v_prediction"):
-            raise SdcError(f"--prediction-type must be epsilon or v_prediction, not {override!r}.")
-        return override == "v_prediction"
+        return PredictionType.parse(override, "--prediction-type") == PredictionType.V_PREDICTION
     if "v_pred" in sd or meta.get("modelspec.prediction_type") == "v":
         return True
     if meta.get("modelspec.prediction_type") == "epsilon":
@@ -322,13 +324,13 @@ def _weights(folder: Path, stem: str, *, allow_pickle: bool = False) -> StateDic
 _WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 
 
-def _load_folder(path: Path, *, prediction_type: str | None) -> Model:
+def _load_folder(path: Path, *, allow_pickle: bool, prediction_type: str | None) -> Model:
     index = path / "model_index.json"
     if not index.is_file():
         if (path / "config.json").is_file() and _read_json(path / "config.json").get("_class_name") == (
             "UNet2DConditionModel"
         ):
-            return _finish_folder(path, {"unet": path}, None, prediction_type, fmt="unet-only")
+            return _finish_folder(path, {"unet": path}, None, prediction_type, allow_pickle, fmt="unet-only")
         raise SdcError(
             f"{path} is not a diffusers folder (no model_index.json); give a pipeline folder or a file."
         )
@@ -338,11 +340,17 @@ def _load_folder(path: Path, *, prediction_type: str | None) -> Model:
     }
     if "unet" not in parts:
         raise SdcError(f"{path} has no U-Net; sdcompress works on Stable Diffusion pipelines.")
-    return _finish_folder(path, parts, listed, prediction_type, fmt="diffusers")
+    return _finish_folder(path, parts, listed, prediction_type, allow_pickle, fmt="diffusers")
 
 
 def _finish_folder(
-    path: Path, parts: dict[str, Path], listed: Config | None, prediction_type: str | None, *, fmt: str
+    path: Path,
+    parts: dict[str, Path],
+    listed: Config | None,
+    prediction_type: str | None,
+    allow_pickle: bool,
+    *,
+    fmt: str,
 ) -> Model:
     components: dict[str, StateDict] = {}
     configs: dict[str, Config] = {}
@@ -351,7 +359,7 @@ def _finish_folder(
             raise SdcError(f"{folder} has no config.json; the diffusers folder is incomplete.")
         config = _read_json(folder / "config.json")
         configs[name] = {k: v for k, v in config.items() if not k.startswith("_")}
-        sd = _weights(folder, _WEIGHT_STEMS.get(name, "model"))
+        sd = _weights(folder, _WEIGHT_STEMS.get(name, "model"), allow_pickle=allow_pickle)
         # transformers 5 saves CLIPTextModel without `text_model.`; the canonical form has it.
         if name.startswith("text_encoder"):
             sd = text_map.clip_to_diffusers(sd)
@@ -369,7 +377,7 @@ def _finish_folder(
     _, family = infer_unet_config(components["unet"], layout, v_prediction=v_pred)
     configs["scheduler"] = scheduler or dict(family.scheduler)
     if prediction_type is not None:
-        configs["scheduler"]["prediction_type"] = prediction_type
+        configs["scheduler"]["prediction_type"] = str(prediction_type)
     extras = SafetensorsFile(path / EXTRAS_FILE).state_dict() if (path / EXTRAS_FILE).is_file() else {}
     tokenizer_dirs = {
         t: path / t for t in ("tokenizer", "tokenizer_2") if (path / t / "vocab.json").is_file()

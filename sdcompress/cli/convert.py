@@ -7,7 +7,10 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sdcompress.choices import ConvertFormat, PredictionType
+from sdcompress.choices import DType as DTypeChoice
 from sdcompress.cli._options import (
+    DTYPE_METAVAR,
     AllowPickle,
     Device,
     DType,
@@ -16,6 +19,7 @@ from sdcompress.cli._options import (
     Overwrite,
     OverwriteForeign,
     Tokenizer,
+    renamed,
 )
 from sdcompress.cli._output import emit_json, err, human_bytes, note, success
 from sdcompress.services.convert import ConvertRequest
@@ -27,9 +31,11 @@ def convert(
     output: Output,
     dtype: DType = None,
     vae_dtype: Annotated[
-        str | None,
+        DTypeChoice | None,
         typer.Option(
             "--vae-dtype",
+            parser=DTypeChoice.cli,
+            metavar=DTYPE_METAVAR,
             help="VAE dtype (default: --dtype, but the SDXL VAE stays as it is rather than fp16).",
         ),
     ] = None,
@@ -37,16 +43,20 @@ def convert(
         bool, typer.Option("--ema", help="Take the U-Net's EMA weights where the file has them.")
     ] = False,
     unet_only: Annotated[bool, typer.Option("--unet-only", help="Write only the U-Net.")] = False,
-    to: Annotated[
-        str | None,
+    format_: Annotated[
+        ConvertFormat | None,
         typer.Option(
-            "--to",
-            help="single-file or diffusers (default: from the output path); for a LoRA file: kohya or peft.",
+            "--format",
+            help="single-file or diffusers (default: from the output path); for a LoRA file: kohya (default) "
+            "or peft.",
         ),
     ] = None,
+    to: Annotated[
+        ConvertFormat | None, typer.Option("--to", hidden=True, help="Deprecated name of --format.")
+    ] = None,
     prediction_type: Annotated[
-        str | None,
-        typer.Option("--prediction-type", help="epsilon or v_prediction, when the file does not say."),
+        PredictionType | None,
+        typer.Option("--prediction-type", help="What the U-Net predicts, when the file does not say."),
     ] = None,
     tokenizer: Tokenizer = None,
     device: Device = "auto",
@@ -59,17 +69,8 @@ def convert(
 
     A path ending in .safetensors gets a single file; anything else a diffusers folder.
     """
-    from sdcompress.services.lora_convert import convert_lora, is_lora_file
+    from sdcompress.services.lora_convert import convert_lora_file, is_lora_file
 
-    if is_lora_file(src):
-        lora = convert_lora(src, output, to=to or "kohya", overwrite=overwrite)
-        if json_:
-            from dataclasses import asdict
-
-            emit_json(asdict(lora))
-        else:
-            success(f"{lora.source_layout} -> {lora.format}: wrote {lora.output} ({lora.modules} modules)")
-        return
     req = ConvertRequest(
         src=src,
         output=output,
@@ -82,8 +83,17 @@ def convert(
         allow_pickle=allow_pickle,
         device=device,
         prediction_type=prediction_type,
-        to=to,
+        format=renamed(format_, to, new="--format", old="--to"),
     )
+    if is_lora_file(src):
+        lora = convert_lora_file(req)
+        if json_:
+            from dataclasses import asdict
+
+            emit_json(asdict(lora))
+        else:
+            success(f"{lora.source_layout} -> {lora.format}: wrote {lora.output} ({lora.modules} modules)")
+        return
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

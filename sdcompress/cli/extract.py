@@ -7,13 +7,21 @@ from typing import Annotated
 
 import typer
 
+from sdcompress.choices import DType, LoraFormat, RankMode
 from sdcompress.cli._lowrank_progress import progress_bar
-from sdcompress.cli._options import AllowPickle, Device, Json, Output, Overwrite, OverwriteForeign
+from sdcompress.cli._options import (
+    DTYPE_METAVAR,
+    AllowPickle,
+    Device,
+    Json,
+    Output,
+    Overwrite,
+    OverwriteForeign,
+)
 from sdcompress.cli._output import emit_json, human_bytes, note, out, success, table
-from sdcompress.devices import DTYPES, resolve_device
-from sdcompress.errors import SdcError
-from sdcompress.lowrank.extract import BUDGET_RANK_CAP, DEFAULT_RANK, ExtractOptions
-from sdcompress.lowrank.rank import parse_size
+from sdcompress.devices import resolve_device
+from sdcompress.lowrank.extract import ExtractOptions
+from sdcompress.lowrank.rank import BUDGET_RANK_CAP, DEFAULT_RANK, parse_size
 from sdcompress.services.extract import ExtractRequest, run_extract
 
 
@@ -31,7 +39,10 @@ def extract_lora(
         int | None,
         typer.Option("--conv-rank", help="Also extract 3x3 convs (resnets, samplers) at this rank."),
     ] = None,
-    mode: Annotated[str, typer.Option("--mode", help="fixed, ratio, energy or threshold.")] = "fixed",
+    mode: Annotated[
+        RankMode,
+        typer.Option("--mode", help=f"How ranks are chosen (--rank caps them at {BUDGET_RANK_CAP})."),
+    ] = RankMode.FIXED,
     mode_param: Annotated[
         float | None,
         typer.Option(
@@ -51,8 +62,13 @@ def extract_lora(
         float | None,
         typer.Option("--clamp-quantile", help="Clamp factors to this quantile (kohya's 0.99); off."),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="kohya (A1111/ComfyUI/diffusers) or peft.")] = "kohya",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp16, bf16 or fp32.")] = "fp16",
+    fmt: Annotated[
+        LoraFormat, typer.Option("--format", help="kohya (A1111/ComfyUI/diffusers) or peft.")
+    ] = LoraFormat.KOHYA,
+    dtype: Annotated[
+        DType,
+        typer.Option("--dtype", parser=DType.cli, metavar=DTYPE_METAVAR, help="Dtype of the LoRA file."),
+    ] = DType.FP16,
     device: Device = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")] = 0,
     json_: Json = False,
@@ -61,27 +77,16 @@ def extract_lora(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Extract a LoRA from the difference between a fine-tuned model and its base."""
-    if dtype not in DTYPES:
-        raise SdcError(f"--dtype {dtype} is not one of fp16, bf16, fp32.")
-    if fmt not in ("kohya", "peft"):
-        raise SdcError(f"--format {fmt} is not one of kohya, peft.")
-    if mode not in ("fixed", "ratio", "energy", "threshold"):
-        raise SdcError(f"--mode {mode} is not one of fixed, ratio, energy, threshold.")
-    budget = parse_size(size_budget) if size_budget else None
-    default_rank = BUDGET_RANK_CAP if budget is not None or mode != "fixed" else DEFAULT_RANK
-    r = rank if rank is not None else default_rank
-    if r < 1 or (conv_rank is not None and conv_rank < 1):
-        raise SdcError("--rank and --conv-rank must be at least 1.")
     options = ExtractOptions(
-        rank=r,
+        rank=rank,
         conv_rank=conv_rank,
         mode=mode,
         mode_param=mode_param,
-        size_budget=budget,
+        size_budget=parse_size(size_budget) if size_budget else None,
         text_encoder=not no_text_encoder,
         clamp_quantile=clamp_quantile,
         device=str(resolve_device(device)),
-        dtype=DTYPES[dtype],
+        dtype=dtype.torch(),
         seed=seed,
     )
     request = ExtractRequest(base, tuned, output, options, fmt, overwrite, allow_pickle)

@@ -6,13 +6,11 @@ from typing import Annotated
 
 import typer
 
+from sdcompress.choices import LoraFormat, MergeMethod, resolve_dtype
 from sdcompress.cli._lowrank_progress import progress_bar
 from sdcompress.cli._options import AllowPickle, DType, Json, Output, Overwrite, OverwriteForeign
 from sdcompress.cli._output import emit_json, note, success
-from sdcompress.devices import DTYPES
-from sdcompress.errors import SdcError
 from sdcompress.lowrank.block_weights import BlockWeights
-from sdcompress.lowrank.merge_math import METHODS
 from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
 
 
@@ -27,7 +25,11 @@ def merge(
         typer.Option("--lora", help="LoRA file[:WEIGHT] (repeatable; kohya, PEFT, LyCORIS)."),
     ] = None,
     method: Annotated[
-        str | None, typer.Option("--method", help=f"{', '.join(METHODS)} (default by model count).")
+        MergeMethod | None,
+        typer.Option(
+            "--method",
+            help="Checkpoint merges (default: weighted-sum for two models, add-difference for three).",
+        ),
     ] = None,
     alpha: Annotated[
         float | None,
@@ -45,11 +47,13 @@ def merge(
     density: Annotated[
         float | None, typer.Option("--density", help="ties: share kept; dare: keep rate.")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="dare's random drop.")] = 0,
+    seed: Annotated[int | None, typer.Option("--seed", help="dare's random drop (default 0).")] = None,
     rank: Annotated[
         int | None, typer.Option("--rank", help="LoRA + LoRA: re-rank by SVD (with one LoRA: resize it).")
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="Layout of a merged LoRA: kohya or peft.")] = "kohya",
+    fmt: Annotated[
+        LoraFormat | None, typer.Option("--format", help="Layout of a merged LoRA (default kohya).")
+    ] = None,
     dtype: DType = None,
     json_: Json = False,
     overwrite: Overwrite = False,
@@ -57,10 +61,6 @@ def merge(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Merge models and LoRAs, tensor by tensor. Output .safetensors: one file; else a diffusers folder."""
-    if dtype is not None and dtype not in DTYPES:
-        raise SdcError(f"--dtype {dtype} is not one of fp16, bf16, fp32.")
-    if fmt not in ("kohya", "peft"):
-        raise SdcError(f"--format {fmt} is not one of kohya, peft.")
     request = MergeRequest(
         models=list(models or []),
         output=output,
@@ -72,7 +72,7 @@ def merge(
         seed=seed,
         rank=rank,
         format=fmt,
-        dtype=DTYPES[dtype] if dtype else None,
+        dtype=resolve_dtype(dtype),
         overwrite=overwrite,
         allow_pickle=allow_pickle,
     )

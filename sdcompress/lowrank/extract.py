@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from sdcompress.checkpoint.tensors import StateDict, dtype_size
+from sdcompress.choices import RankMode
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.layouts import LoraModule, shape_factors
-from sdcompress.lowrank.rank import BudgetLayer, clamp_rank, rank_by_rule, ranks_for_budget
+from sdcompress.lowrank.rank import BudgetLayer, clamp_rank, max_rank, rank_by_rule, ranks_for_budget
 from sdcompress.lowrank.svd import LowRank, as_matrix, low_rank_batch
 from sdcompress.lowrank.targets import TE, TE2, UNET, Target, is_conv_kernel, is_target
 
-DEFAULT_RANK = 32
-BUDGET_RANK_CAP = 128
 GPU_BATCH = 16
 # The size budget is for the whole file: the safetensors header costs about this
 # much per module (three JSON entries with ~80-character names) plus the metadata.
@@ -33,9 +32,9 @@ HEADER_BYTES_FIXED = 8192
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    rank: int = DEFAULT_RANK  # fixed rank, or the cap for --mode and --size-budget
+    rank: int | None = None  # fixed rank, or the cap for --mode and --size-budget (default: `max_rank`)
     conv_rank: int | None = None  # rank of 3x3 convs; None leaves them out
-    mode: str = "fixed"
+    mode: RankMode = RankMode.FIXED
     mode_param: float | None = None
     size_budget: int | None = None  # bytes
     text_encoder: bool = True
@@ -43,6 +42,13 @@ class ExtractOptions:
     device: str = "cpu"
     dtype: torch.dtype = torch.float16  # storage dtype of the output: sets bytes per rank for the budget
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        mode = RankMode.parse(self.mode, "--mode")
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "rank", max_rank(self.rank, mode, self.size_budget))
+        if self.conv_rank is not None and self.conv_rank < 1:
+            raise SdcError(f"--conv-rank must be at least 1, got {self.conv_rank}.")
 
 
 @dataclass

@@ -3,16 +3,20 @@
 Each method takes the tensors of one key from every input (fp32) and returns
 the merged tensor; the merge service streams a model through it key by key, so
 memory stays near one tensor per input whatever the model size. A new method
-is one decorated function.
+is one decorated function; the keyword parameters it declares are the options
+it takes, and the merge refuses any other (a `--density` given to a weighted
+sum is an error, not silently dropped).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from sdcompress.choices import MergeMethod as MethodName
 from sdcompress.errors import SdcError
 
 
@@ -22,34 +26,44 @@ class MergeMethod:
     fn: Callable[..., torch.Tensor]
     n_models: tuple[int, int]  # min, max number of inputs
     doc: str
+    params: tuple[str, ...]  # the keyword options it takes (alpha, density, seed)
+
+    def check_params(self, given: dict[str, object]) -> None:
+        """Refuse options this method has no use for, in one sentence naming them."""
+        extra = [name for name, value in given.items() if value is not None and name not in self.params]
+        if extra:
+            takes = ", ".join(f"--{p}" for p in self.params if p in USER_PARAMS) or "no options"
+            flags = " and ".join(f"--{p}" for p in extra)
+            raise SdcError(f"--method {self.name} does not use {flags} (it takes {takes}); drop it.")
 
 
 METHODS: dict[str, MergeMethod] = {}
+USER_PARAMS = ("alpha", "density", "seed")  # the options a method may declare; others are internal
 
 
 def merge_method(name: str, n_models: tuple[int, int]) -> Callable[[Callable[..., torch.Tensor]], Callable]:
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        METHODS[name] = MergeMethod(name, fn, n_models, (fn.__doc__ or "").strip().splitlines()[0])
+        params = tuple(p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY)
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        METHODS[name] = MergeMethod(MethodName(name), fn, n_models, doc, params)  # the CLI lists MethodName
         return fn
 
     return register
 
 
 def get_method(name: str) -> MergeMethod:
-    if name not in METHODS:
-        raise SdcError(f"unknown merge method {name!r}; choose one of {', '.join(METHODS)}.")
-    return METHODS[name]
+    return METHODS[MethodName.parse(name, "--method")]
 
 
 @merge_method("weighted-sum", (2, 2))
-def weighted_sum(tensors: Sequence[torch.Tensor], *, alpha: float = 0.5, **_: object) -> torch.Tensor:
+def weighted_sum(tensors: Sequence[torch.Tensor], *, alpha: float = 0.5) -> torch.Tensor:
     """A * (1 - alpha) + B * alpha."""
     a, b = tensors
     return torch.lerp(a, b, alpha)
 
 
 @merge_method("add-difference", (3, 3))
-def add_difference(tensors: Sequence[torch.Tensor], *, alpha: float = 1.0, **_: object) -> torch.Tensor:
+def add_difference(tensors: Sequence[torch.Tensor], *, alpha: float = 1.0) -> torch.Tensor:
     """A + (B - C) * alpha: transplant what B learned on top of C into A."""
     a, b, c = tensors
     return a + (b - c) * alpha
@@ -76,9 +90,7 @@ def _trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
 
 
 @merge_method("ties", (2, 16))
-def ties(
-    tensors: Sequence[torch.Tensor], *, alpha: float = 1.0, density: float = 0.2, **_: object
-) -> torch.Tensor:
+def ties(tensors: Sequence[torch.Tensor], *, alpha: float = 1.0, density: float = 0.2) -> torch.Tensor:
     """TIES: base + alpha * disjoint mean of trimmed task vectors that agree with the elected sign."""
     base, deltas = _task_vectors(tensors)
     deltas = _trim(deltas, density)
@@ -97,7 +109,6 @@ def dare(
     density: float = 0.1,
     seed: int = 0,
     key_index: int = 0,
-    **_: object,
 ) -> torch.Tensor:
     """DARE: drop each task-vector entry with probability 1 - density, rescale the rest by 1/density, sum."""
     if not 0 < density <= 1:

@@ -19,9 +19,21 @@ from dataclasses import dataclass
 
 import torch
 
+from sdcompress.choices import RankMode
 from sdcompress.errors import SdcError
 
-MODES = ("fixed", "ratio", "energy", "threshold")
+MODES = tuple(m.value for m in RankMode)
+DEFAULT_RANK = 32  # a fixed rank: what kohya's scripts and most published LoRAs use
+BUDGET_RANK_CAP = 128  # the largest rank a rule or a size budget may give a layer
+
+
+def max_rank(rank: int | None, mode: str, size_budget: int | None) -> int:
+    """The rank asked for, or the default: a fixed rank of 32, or a cap of 128 when a rule or budget decides."""
+    if rank is None:
+        rank = BUDGET_RANK_CAP if size_budget is not None or mode != RankMode.FIXED else DEFAULT_RANK
+    if rank < 1:
+        raise SdcError(f"--rank must be at least 1, got {rank}.")
+    return rank
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ import torch
 from sdcompress.arch.families import FAMILIES, Config, Family, get_family
 from sdcompress.arch.presets import PRESETS, get_preset, preset_for_family
 from sdcompress.checkpoint.model import disk_size
-from sdcompress.devices import resolve_device, resolve_dtype
+from sdcompress.choices import resolve_dtype
+from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
 
 TEXT_TOKENS = 77

@@ -19,7 +19,8 @@ from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.checkpoint.writers import save_diffusers, save_single_file
-from sdcompress.devices import resolve_device, resolve_dtype
+from sdcompress.choices import ConvertFormat, DType, ModelFormat, PredictionType, output_kind, resolve_dtype
+from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
 
 
@@ -27,16 +28,23 @@ from sdcompress.errors import SdcError
 class ConvertRequest:
     src: str
     output: str
-    dtype: str | None = None
-    vae_dtype: str | None = None
+    dtype: DType | None = None
+    vae_dtype: DType | None = None
     ema: bool = False
     unet_only: bool = False
     overwrite: bool = False
     tokenizer: str | None = None
     allow_pickle: bool = False
     device: str = "auto"
-    prediction_type: str | None = None
-    to: str | None = None  # "single-file" | "diffusers"; default from the output path
+    prediction_type: PredictionType | None = None
+    # single-file | diffusers for models (default: from the output path); kohya | peft for LoRA files
+    format: ConvertFormat | None = None
+
+    def __post_init__(self) -> None:
+        self.dtype = DType.parse_optional(self.dtype, "--dtype")
+        self.vae_dtype = DType.parse_optional(self.vae_dtype, "--vae-dtype")
+        self.prediction_type = PredictionType.parse_optional(self.prediction_type, "--prediction-type")
+        self.format = ConvertFormat.parse_optional(self.format, "--format")
 
 
 @dataclass
@@ -65,18 +73,20 @@ def _on_device(sd: StateDict, device: torch.device) -> StateDict:
     return out
 
 
-def _target(req: ConvertRequest) -> str:
-    if req.to is not None:
-        if req.to not in ("single-file", "diffusers"):
-            raise SdcError(f"--to must be single-file or diffusers, not {req.to!r}.")
-        return req.to
-    return "single-file" if req.output.lower().endswith(".safetensors") else "diffusers"
+def _target(req: ConvertRequest) -> ModelFormat:
+    if req.format is None:
+        return output_kind(req.output)
+    if req.format not in (ConvertFormat.SINGLE_FILE, ConvertFormat.DIFFUSERS):
+        raise SdcError(
+            f"--format {req.format} is a LoRA layout but {req.src} is a model; use single-file or diffusers."
+        )
+    return ModelFormat(req.format.value)
 
 
 def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | None = None) -> ConvertResult:
     start = time.perf_counter()
     dtype = resolve_dtype(req.dtype)
-    vae_dtype = resolve_dtype(req.vae_dtype)
+    vae_dtype = resolve_dtype(req.vae_dtype, "--vae-dtype")
     device = resolve_device(req.device)
     target = _target(req)
     kind = "file" if target == "single-file" else "dir"
@@ -91,7 +101,7 @@ def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | 
     if device.type != "cpu":
         model.components = {k: _on_device(v, device) for k, v in model.components.items()}
     notes = list(model.notes)
-    save = save_single_file if target == "single-file" else save_diffusers
+    save = save_single_file if target == ModelFormat.SINGLE_FILE else save_diffusers
     notes += save(
         model,
         out,

@@ -112,7 +112,7 @@ def run_record(
 
 
 def _save_dtype(request: DistillRequest, teacher) -> torch.dtype | None:
-    from sdcompress.devices import resolve_dtype
+    from sdcompress.choices import resolve_dtype
 
     if request.save_dtype:
         return resolve_dtype(request.save_dtype)

@@ -157,7 +157,7 @@ def base_record(command: str, model: Model, ref: str, summary: TrainingSummary) 
 
 
 def _save_dtype(request: FinetuneRequest, model: Model) -> torch.dtype | None:
-    from sdcompress.devices import resolve_dtype
+    from sdcompress.choices import resolve_dtype
 
     if request.save_dtype:
         return resolve_dtype(request.save_dtype)

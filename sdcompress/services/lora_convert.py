@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from sdcompress.checkpoint.atomic import check_output
 from sdcompress.checkpoint.resolve import load_model
+from sdcompress.choices import ConvertFormat, LoraFormat, resolve_dtype
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.layouts import FORMATS, KOHYA, LoraModule, read_lora, resolve, write_lora
 from sdcompress.services.merge import naming_for, skeleton_naming
+
+if TYPE_CHECKING:
+    from sdcompress.services.convert import ConvertRequest
 
 
 @dataclass
@@ -73,3 +78,35 @@ def convert_lora(
     keep = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec."))}
     write_lora(dst, modules, naming, fmt=to, dtype=out_dtype, metadata=keep, overwrite=overwrite)
     return LoraConvertResult(str(dst), lora.layout, to, len(modules))
+
+
+def _unused_options(req: ConvertRequest) -> list[str]:
+    """The `convert` options that only mean something for a model, among those the user set."""
+    given = {
+        "--vae-dtype": req.vae_dtype is not None,
+        "--ema": req.ema,
+        "--unet-only": req.unet_only,
+        "--prediction-type": req.prediction_type is not None,
+        "--tokenizer": req.tokenizer is not None,
+        "--allow-pickle": req.allow_pickle,
+        "--device": req.device not in ("auto", ""),
+    }
+    return [flag for flag, set_ in given.items() if set_]
+
+
+def convert_lora_file(req: ConvertRequest) -> LoraConvertResult:
+    """`convert` of a LoRA file: a new layout (--format kohya|peft) and dtype; model options are refused."""
+    unused = _unused_options(req)
+    if unused:
+        one = len(unused) == 1
+        flags = unused[0] if one else f"{', '.join(unused[:-1])} and {unused[-1]}"
+        raise SdcError(
+            f"{flags} {'does' if one else 'do'} not apply to a LoRA file (convert changes only its layout "
+            f"and dtype); drop {'it' if one else 'them'}."
+        )
+    fmt = req.format or ConvertFormat.KOHYA
+    if fmt not in (ConvertFormat.KOHYA, ConvertFormat.PEFT):
+        raise SdcError(f"{req.src} is a LoRA file, which converts to --format kohya or peft, not {fmt}.")
+    return convert_lora(
+        req.src, req.output, LoraFormat(fmt.value), dtype=resolve_dtype(req.dtype), overwrite=req.overwrite
+    )

@@ -264,7 +264,7 @@ def write_adapters(
 
 def lora_train(request: LoraTrainRequest, progress: ProgressCallback | None = None) -> TrainingRunResult:
     """Run (or resume) LoRA training and write the adapter file(s)."""
-    from sdcompress.devices import resolve_dtype
+    from sdcompress.choices import resolve_dtype
 
     inputs = [request.model, request.data.data_dir, request.dreambooth.class_data, request.train.work_dir]
     output = check_output(request.output, overwrite=request.train.overwrite, inputs=inputs, kind="dir")

@@ -22,6 +22,8 @@ from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.checkpoint.writers import save_diffusers, save_single_file
+from sdcompress.choices import LoraFormat, ModelFormat, output_kind
+from sdcompress.choices import MergeMethod as MethodName
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.block_weights import BlockWeights
 from sdcompress.lowrank.extract import check_same_architecture
@@ -64,17 +66,50 @@ class MergeRequest:
     models: list[str]
     output: str
     loras: list[LoraRef] = field(default_factory=list)
-    method: str | None = None  # default: weighted-sum for two models, add-difference for three
+    # Checkpoint merges (two or more models); each method takes only the options it declares.
+    method: MethodName | None = None  # default: weighted-sum for two models, add-difference for three
     alpha: float | None = None
-    block_weights: BlockWeights | None = None  # checkpoint merges: per-block alpha overriding `alpha`
+    block_weights: BlockWeights | None = None  # per-block alpha overriding `alpha`
     density: float | None = None
-    seed: int = 0
-    rank: int | None = None  # LoRA + LoRA: re-rank to this by SVD of the summed delta
-    format: str = KOHYA  # LoRA outputs
+    seed: int | None = None  # dare's random drop (default 0)
+    # LoRA + LoRA (no models)
+    rank: int | None = None  # re-rank to this by SVD of the summed delta
+    format: LoraFormat | None = None  # default kohya
     dtype: torch.dtype | None = None
     overwrite: bool = False
     allow_pickle: bool = False
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.method = MethodName.parse_optional(self.method, "--method")
+        self.format = LoraFormat.parse_optional(self.format, "--format")
+        self.check_options()
+
+    def job(self) -> str:
+        if len(self.models) >= 2:
+            return "merging checkpoints"
+        return "baking LoRAs into one model" if self.models else "merging LoRA files"
+
+    def check_options(self) -> None:
+        """Options this kind of merge has no use for are an error, never silently ignored."""
+        checkpoints, loras_only = len(self.models) >= 2, not self.models
+        for flags, home, wrong in (
+            (
+                {"--method": self.method, "--alpha": self.alpha, "--block-weights": self.block_weights,
+                 "--density": self.density, "--seed": self.seed},
+                "merging two or more models",
+                not checkpoints,
+            ),
+            ({"--rank": self.rank, "--format": self.format}, "merging LoRA files alone", not loras_only),
+        ):  # fmt: skip
+            given = [flag for flag, value in flags.items() if value is not None]
+            if given and wrong:
+                one = len(given) == 1
+                names = given[0] if one else f"{', '.join(given[:-1])} and {given[-1]}"
+                raise SdcError(
+                    f"{names} only {'applies' if one else 'apply'} when {home}, not when {self.job()}; "
+                    f"drop {'it' if one else 'them'}."
+                )
 
 
 @dataclass
@@ -163,7 +198,7 @@ def merge_models(
     *,
     alpha: float | None,
     density: float | None,
-    seed: int,
+    seed: int | None,
     block_weights: BlockWeights | None = None,
 ) -> Model:
     """Tensor-by-tensor merge of same-architecture models; the first model's configs and dtypes.
@@ -172,6 +207,7 @@ def merge_models(
     alpha instead of `alpha` (see `sdcompress.lowrank.block_weights`).
     """
     m = get_method(method)
+    m.check_params({"alpha": alpha, "density": density, "seed": seed})
     lo, hi = m.n_models
     if not lo <= len(models) <= hi:
         raise SdcError(
@@ -201,7 +237,9 @@ def merge_models(
             if not lt.dtype.is_floating_point:
                 out[key] = lt
                 continue
-            key_kwargs = {**kwargs, "seed": seed, "key_index": index}
+            key_kwargs = (
+                {**kwargs, "seed": seed or 0, "key_index": index} if "seed" in m.params else dict(kwargs)
+            )
             block_alpha = block_weights.alpha_for(c, key) if block_weights else None
             if block_alpha is not None:
                 key_kwargs["alpha"] = block_alpha
@@ -232,7 +270,7 @@ def write_model(
         if progress:
             progress(name, min(done[0], total), total)
 
-    if Path(output).suffix == ".safetensors":
+    if output_kind(output) == ModelFormat.SINGLE_FILE:
         return save_single_file(model, output, dtype=dtype, overwrite=overwrite, on_tensor=on_tensor)
     return save_diffusers(model, output, dtype=dtype, overwrite=overwrite, on_tensor=on_tensor)
 
@@ -308,8 +346,6 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
     inputs = [*request.models, *(ref.path for ref in request.loras)]
     kind = "file" if Path(request.output).suffix == ".safetensors" else "dir"
     check_output(request.output, overwrite=request.overwrite, inputs=inputs, kind=kind)
-    if request.block_weights is not None and len(request.models) < 2:
-        raise SdcError("--block-weights applies to checkpoint merges; give two or more models.")
     loras = [(read_lora(ref.path), ref.weight) for ref in request.loras]
     if not request.models:
         if not loras:
@@ -326,7 +362,7 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
             "ss_network_module": "networks.lora",
             "sdcompress.merged_from": ", ".join(r.path for r in request.loras),
         }
-        write_lora(request.output, modules, naming, fmt=request.format, dtype=dtype, metadata=meta,
+        write_lora(request.output, modules, naming, fmt=request.format or KOHYA, dtype=dtype, metadata=meta,
                    overwrite=request.overwrite)  # fmt: skip
         return MergeResult(request.output, "lora", 3 * len(modules), len(modules))
     models = [load_model(m, allow_pickle=request.allow_pickle) for m in request.models]

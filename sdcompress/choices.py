@@ -1,0 +1,168 @@
+"""The fixed sets of values that options take, defined once.
+
+Each set is a `str` Enum: Typer lists its values in `--help` and refuses
+others with a usage error, and the service requests use the same type for
+their fields and check them in `__post_init__`, so a Python caller gets the
+same one-sentence error as a shell user. Members compare equal to their
+values (`DType.FP16 == "fp16"`), so records and JSON output stay plain text.
+
+This module is imported when the CLI starts, so it must not import torch:
+`resolve_dtype` imports it only when called.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from sdcompress.errors import SdcError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Choice(StrEnum):
+    """A StrEnum read case-insensitively, with one error sentence for values it does not know."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def _missing_(cls, value: object) -> Self | None:
+        text = str(value).strip().lower()
+        return next((m for m in cls if m.value == text), None)
+
+    @classmethod
+    def values(cls) -> str:
+        return ", ".join(m.value for m in cls)
+
+    @classmethod
+    def parse(cls, value: Any, flag: str) -> Self:
+        """`value` as a member of this set; anything else is an `SdcError` naming `flag` and the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise SdcError(f"{flag} {value!r} is not one of {cls.values()}.") from None
+
+    @classmethod
+    def parse_optional(cls, value: Any, flag: str) -> Self | None:
+        return None if value is None else cls.parse(value, flag)
+
+    @classmethod
+    def cli(cls, value: str) -> Self:
+        """Typer `parser=` for sets with aliases (Typer's own Enum check knows only the values)."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not one of {cls.values()}.") from None
+
+
+class DType(Choice):
+    """The dtype tensors are written in."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @classmethod
+    def _missing_(cls, value: object) -> DType | None:
+        # torch's own names ("bfloat16", "torch.float16") and the usual short forms.
+        text = str(value).strip().lower().removeprefix("torch.")
+        return super()._missing_(_DTYPE_ALIASES.get(text, text))
+
+    def torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, _TORCH_NAMES[self])
+
+
+_DTYPE_ALIASES = {
+    "float32": "fp32",
+    "float": "fp32",
+    "full": "fp32",
+    "float16": "fp16",
+    "half": "fp16",
+    "bfloat16": "bf16",
+}
+_TORCH_NAMES = {DType.FP32: "float32", DType.FP16: "float16", DType.BF16: "bfloat16"}
+
+
+def resolve_dtype(value: Any, flag: str = "--dtype") -> torch.dtype | None:
+    """The torch dtype for a `DType`, one of its values or aliases (`bfloat16`, `half`...), or None."""
+    dtype = DType.parse_optional(value, flag)
+    return None if dtype is None else dtype.torch()
+
+
+def dtype_name(dtype: torch.dtype | None) -> DType | None:
+    """The `DType` of a torch dtype (None for None); a dtype outside the set is an error."""
+    return DType.parse_optional(dtype, "dtype")
+
+
+class PredictionType(Choice):
+    """What the U-Net predicts; written into scheduler_config.json, so nothing else is accepted."""
+
+    EPSILON = "epsilon"
+    V_PREDICTION = "v_prediction"
+
+
+class ModelFormat(Choice):
+    """The two ways a whole model is stored."""
+
+    SINGLE_FILE = "single-file"
+    DIFFUSERS = "diffusers"
+
+
+class LoraFormat(Choice):
+    """The LoRA layouts sdcompress writes: kohya (A1111 / ComfyUI / diffusers) or PEFT."""
+
+    KOHYA = "kohya"
+    PEFT = "peft"
+
+
+class ConvertFormat(Choice):
+    """`convert --format`: a model layout for models, a LoRA layout for LoRA files."""
+
+    SINGLE_FILE = "single-file"
+    DIFFUSERS = "diffusers"
+    KOHYA = "kohya"
+    PEFT = "peft"
+
+
+class SelectMethod(Choice):
+    """How `prune` chooses the transformer blocks a student keeps."""
+
+    IMPORTANCE = "importance"
+    UNIFORM = "uniform"
+    LAST = "last"
+
+
+class MidBlock(Choice):
+    """What `prune` does with the mid block: keep it, keep one resnet (as SSD-1B), or drop it."""
+
+    KEEP = "keep"
+    RESNET = "resnet"
+    NONE = "none"
+
+
+class RankMode(Choice):
+    """How `extract-lora` picks each layer's rank."""
+
+    FIXED = "fixed"
+    RATIO = "ratio"
+    ENERGY = "energy"
+    THRESHOLD = "threshold"
+
+
+class MergeMethod(Choice):
+    """Checkpoint merge methods (their arithmetic and parameters live in `lowrank.merge_math`)."""
+
+    WEIGHTED_SUM = "weighted-sum"
+    ADD_DIFFERENCE = "add-difference"
+    TIES = "ties"
+    DARE = "dare"
+
+
+def output_kind(path: str | Path) -> ModelFormat:
+    """How a model written to `path` is stored: a `.safetensors` path is one file, anything else a folder."""
+    return ModelFormat.SINGLE_FILE if str(path).lower().endswith(".safetensors") else ModelFormat.DIFFUSERS
