@@ -194,3 +194,22 @@ def test_bad_training_options(tmp_path, tiny_pipe, data_dir):
             continue
         with pytest.raises(SdcError, match=message):
             train(make_task(tiny_pipe), base_config(tmp_path, "bad", **changes), data_config(data_dir))
+
+
+def test_resume_with_a_changed_batch_size_or_seed_is_refused(tmp_path, tiny_pipe, data_dir):
+    config = base_config(tmp_path, "inv", max_steps=2, grad_accum=1, checkpoint_every=1, ema=False)
+    first = train(make_task(tiny_pipe), config, data_config(data_dir))
+    state = ckpt.read_state(first.last_checkpoint)
+    assert (state["batch_size"], state["grad_accum"], state["world_size"], state["seed"]) == (2, 1, 1, 11)
+    longer = replace(config, max_steps=4, resume="latest", overwrite=True)
+    for changes, message in [
+        ({"batch_size": 1}, r"made with --batch-size 2 \(this run: 1\), and exact resume needs the same"),
+        ({"grad_accum": 2, "seed": 3}, r"--grad-accum 1 \(this run: 2\), --seed 11 \(this run: 3\)"),
+    ]:
+        with pytest.raises(SdcError, match=message):
+            train(make_task(tiny_pipe), replace(longer, **changes), data_config(data_dir))
+    events = []
+    resumed = train(make_task(tiny_pipe), longer, data_config(data_dir), events.append)
+    assert resumed.steps == 4 and resumed.resumed_from == first.last_checkpoint
+    start = next(e for e in events if e.kind == "start")
+    assert "ends at step 4 instead of 2" in start.message  # a safe change is said, not refused

@@ -1,136 +1,203 @@
-"""Options shared by distill, finetune and lora train, declared once; `--config run.toml`; the progress bar.
+"""One generator for the options of distill, finetune and lora train, built from the training dataclasses.
 
-A run's options can live in a TOML file (`--config run.toml`, keys named like
-the options, dashes or underscores, optionally under a table named after the
-command); any option given on the command line wins over the file.
+Each option is declared once, as `option(...)` metadata on a dataclass field
+(`sdcompress.training.config`, plus the few command-level fields in each
+command module). `training_command` turns a command's dataclasses into a Typer
+command: it gives a function an explicit `__signature__` of
+`Annotated[type, typer.Option(...)]` parameters (Typer reads signatures, so
+this is how a signature is built from data), and on a call it merges
+`--config run.toml`, checks the required options and builds the dataclasses
+that the command's `run` receives. Per-command defaults and help texts are a
+small override table, so the CLI default and the dataclass default can only
+differ where that table says so.
+
+TOML keys are the flag names (`batch-size` or `batch_size`, `format`,
+`type`, `dtype`), optionally under a table named after the command; the old
+Python spellings (`format_`, `type_`, `save_dtype`) still work with a
+deprecation note; a typo names the closest valid key. The command line wins
+over the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import tomllib
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from sdcompress.choices import DType
+from sdcompress.cli._options import DTYPE_METAVAR, renamed
 from sdcompress.errors import SdcError
-from sdcompress.training.data import DataConfig
-from sdcompress.training.engine import ProgressEvent, TrainConfig
-from sdcompress.training.noise import NoiseConfig
-from sdcompress.training.task import LossConfig
-from sdcompress.training.validation import ValidationConfig
+from sdcompress.training.config import RUN, Flag, flag_of, option
 
-_DATA = "Data"
-_OPT = "Optimisation"
-_LOSS = "Loss"
-_RUN = "Checkpoints, validation and logging"
+if typing.TYPE_CHECKING:
+    from sdcompress.training.engine import ProgressEvent
+
+T = TypeVar("T")
 
 
-def _opt(*names: str, help: str, panel: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
+@dataclass(frozen=True)
+class OutputOptions:
+    """What every training command shares besides the training itself: output dtype, input safety, JSON."""
+
+    dtype: DType | None = field(
+        default=None,
+        metadata=option(
+            "--dtype",
+            "fp32, fp16 or bf16 (or float32, float16, bfloat16; default: keep the source dtype).",
+            choices=DType,
+            parser=DType.cli,
+            metavar=DTYPE_METAVAR,
+            aliases=("--save-dtype",),
+        ),
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=option("--allow-pickle", "Allow pickled .ckpt/.bin inputs (read with weights_only=True)."),
+    )
+    json: bool = field(
+        default=False, metadata=option("--json", "Print machine-readable JSON instead of tables.")
+    )
+
+    def __post_init__(self) -> None:
+        from sdcompress.training.config import coerce_choices
+
+        coerce_choices(self)
 
 
-# -- data
-Data = Annotated[
-    Path | None, _opt("--data", help="Folder of images with .txt captions or metadata.jsonl.", panel=_DATA)
-]
-DatasetName = Annotated[
-    str | None,
-    _opt("--dataset-name", help="Hugging Face dataset id (needs `datasets`, online).", panel=_DATA),
-]
-DatasetSplit = Annotated[str, _opt("--dataset-split", help="Split of --dataset-name.", panel=_DATA)]
-ImageColumn = Annotated[str, _opt("--image-column", help="Image column of --dataset-name.", panel=_DATA)]
-CaptionColumn = Annotated[
-    str, _opt("--caption-column", help="Caption column (dataset or metadata.jsonl).", panel=_DATA)
-]
-CaptionExtension = Annotated[str, _opt("--caption-extension", help="Sidecar caption suffix.", panel=_DATA)]
-Resolution = Annotated[
-    int | None, _opt("--resolution", help="Training resolution (default: the model's).", panel=_DATA)
-]
-RandomCrop = Annotated[bool, _opt("--random-crop", help="Random instead of center crops.", panel=_DATA)]
-RandomFlip = Annotated[bool, _opt("--random-flip", help="Flip half of the images horizontally.", panel=_DATA)]
-CaptionDropout = Annotated[
-    float, _opt("--caption-dropout", help="Fraction of captions replaced by the empty caption.", panel=_DATA)
-]
-Buckets = Annotated[
-    bool, _opt("--buckets", help="Aspect-ratio buckets instead of square crops.", panel=_DATA)
-]
-RequireCaptions = Annotated[
-    bool,
-    _opt("--require-captions", help="Refuse images without a caption (default: empty caption).", panel=_DATA),
-]
-CacheLatents = Annotated[
-    bool, _opt("--cache-latents", help="Encode each image once (needs center crop, no flip).", panel=_DATA)
-]
-NumWorkers = Annotated[int, _opt("--num-workers", help="Data loader worker processes.", panel=_DATA)]
+def text_encoder_lr(panel: str | None) -> dict[str, Flag]:
+    """`--text-encoder-lr`, shared by finetune and lora train (each in its own help panel)."""
+    return option("--text-encoder-lr", "Text-encoder learning rate (default: --lr).", panel)
 
-# -- optimisation
-MaxSteps = Annotated[int | None, _opt("--max-steps", help="Optimizer steps to train.", panel=_OPT)]
-Epochs = Annotated[int | None, _opt("--epochs", help="Epochs to train (instead of --max-steps).", panel=_OPT)]
-BatchSize = Annotated[int, _opt("--batch-size", help="Images per GPU per micro-batch.", panel=_OPT)]
-GradAccum = Annotated[int, _opt("--grad-accum", help="Micro-batches per optimizer step.", panel=_OPT)]
-LearningRate = Annotated[float, _opt("--lr", help="Learning rate.", panel=_OPT)]
-LrScheduler = Annotated[
-    str, _opt("--lr-scheduler", help="constant, constant_with_warmup, linear, cosine, ...", panel=_OPT)
-]
-WarmupSteps = Annotated[int, _opt("--warmup-steps", help="Linear warmup steps.", panel=_OPT)]
-Optimizer = Annotated[str, _opt("--optimizer", help="adamw or adamw8bit (bitsandbytes).", panel=_OPT)]
-WeightDecay = Annotated[float, _opt("--weight-decay", help="AdamW weight decay.", panel=_OPT)]
-MaxGradNorm = Annotated[float, _opt("--max-grad-norm", help="Gradient clipping norm (0: off).", panel=_OPT)]
-MixedPrecision = Annotated[str, _opt("--mixed-precision", help="no, fp16 or bf16.", panel=_OPT)]
-GradientCheckpointing = Annotated[
-    bool, _opt("--gradient-checkpointing", help="Recompute activations to save memory.", panel=_OPT)
-]
-Seed = Annotated[int, _opt("--seed", help="Seed for data order, augmentation and noise.", panel=_OPT)]
-Cpu = Annotated[bool, _opt("--cpu", help="Train on the CPU even when a GPU is present.", panel=_OPT)]
 
-# -- loss
-SnrGamma = Annotated[
-    float | None, _opt("--snr-gamma", help="Min-SNR weighting gamma (5 is usual).", panel=_LOSS)
-]
-NoiseOffset = Annotated[float, _opt("--noise-offset", help="Noise offset (0.05-0.1 is usual).", panel=_LOSS)]
-PredictionType = Annotated[
-    str | None, _opt("--prediction-type", help="epsilon or v_prediction (default: the model's).", panel=_LOSS)
-]
+CONFIG_HELP = "TOML file with any of these options (keys named like the flags); the command line wins."
 
-# -- run state
-WorkDir = Annotated[
-    Path | None,
-    _opt("--work-dir", help="Checkpoints, validation grids, logs (default: OUTPUT.train).", panel=_RUN),
-]
-CheckpointEvery = Annotated[
-    int, _opt("--checkpoint-every", help="Save a checkpoint every N steps.", panel=_RUN)
-]
-KeepCheckpoints = Annotated[
-    int, _opt("--keep-checkpoints", help="Keep the last K checkpoints (0: all).", panel=_RUN)
-]
-Resume = Annotated[str | None, _opt("--resume", help="latest or a checkpoint folder.", panel=_RUN)]
-Ema = Annotated[bool, _opt("--ema", help="Keep an EMA of the weights and save it.", panel=_RUN)]
-EmaDecay = Annotated[float, _opt("--ema-decay", help="EMA decay.", panel=_RUN)]
-ValidationPrompt = Annotated[
-    list[str] | None,
-    _opt("--validation-prompt", help="Prompt for validation grids (repeatable).", panel=_RUN),
-]
-ValidationSeed = Annotated[
-    list[int] | None, _opt("--validation-seed", help="Seed per grid column (repeatable).", panel=_RUN)
-]
-ValidationEvery = Annotated[
-    int, _opt("--validation-every", help="Render the grid every N steps.", panel=_RUN)
-]
-ValidationSteps = Annotated[int, _opt("--validation-steps", help="Inference steps per image.", panel=_RUN)]
-ReportTo = Annotated[str, _opt("--report-to", help="none, tensorboard or wandb.", panel=_RUN)]
-Config = Annotated[
-    Path | None,
-    _opt("--config", help="TOML file with any of these options; the command line wins.", panel=_RUN),
-]
+
+# ---------------------------------------------------------------------------- the parameters
+
+
+@dataclass(frozen=True)
+class _Param:
+    """One generated option: where its value goes (section, field path) and how Typer shows it."""
+
+    flag: Flag
+    section: type
+    path: tuple[str, ...]
+    annotation: Any
+    default: Any
+    help: str
+    order: tuple[int, int, int]
+    repeatable: bool = False  # a tuple field, given as a repeated option
+    hidden_alias_of: str | None = None  # for a deprecated spelling: the key of the real option
+
+    @property
+    def key(self) -> str:
+        return self.flag.key if self.hidden_alias_of is None else _key(self.flag.aliases[0])
+
+    def typer_parameter(self) -> inspect.Parameter:
+        names = [self.flag.name] if self.hidden_alias_of is None else [self.flag.aliases[0]]
+        if self.flag.short and self.hidden_alias_of is None:
+            names.append(self.flag.short)
+        extra: dict[str, Any] = {}
+        if self.flag.parser is not None:
+            extra["parser"] = self.flag.parser
+        if self.flag.metavar is not None:
+            extra["metavar"] = self.flag.metavar
+        info = typer.Option(
+            *names,
+            help=self.help,
+            rich_help_panel=self.flag.panel,
+            hidden=self.hidden_alias_of is not None,
+            **extra,
+        )
+        default = None if self.hidden_alias_of is not None else self.default
+        return inspect.Parameter(
+            self.key,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=default,
+            annotation=Annotated[self.annotation, info],
+        )
+
+
+def _key(flag_name: str) -> str:
+    return flag_name.lstrip("-").replace("-", "_")
+
+
+def _cli_type(hint: Any, flag: Flag) -> Any:
+    """The type Typer sees: lists for tuples (repeatable options), bool for negated flags."""
+    if flag.negate:
+        return bool
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    inner = [a for a in args if a is not type(None)] if args else [hint]
+    base = inner[0] if len(inner) == 1 else hint
+    if typing.get_origin(base) is tuple:
+        return list[typing.get_args(base)[0]] | None
+    if flag.choices is not None:
+        return flag.choices | None if optional else flag.choices
+    return hint
+
+
+def _walk(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any, Flag, Any]]:
+    """(field path, type hint, flag, dataclass default) of every flagged field, nested dataclasses included."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for f in fields(cls):
+        flag = flag_of(f)
+        if flag is not None:
+            found.append(((*prefix, f.name), hints[f.name], flag, f.default))
+        elif is_dataclass(f.default):
+            found += _walk(type(f.default), (*prefix, f.name))
+    return found
+
+
+def build_params(
+    sections: Sequence[type],
+    panels: Sequence[str | None],
+    defaults: Mapping[str, Any],
+    helps: Mapping[str, str],
+) -> list[_Param]:
+    """Every option of a command, in help order: by panel, then by section, then by field."""
+    params: list[_Param] = []
+    seen: dict[str, type] = {}
+    for s_index, section in enumerate(sections):
+        for f_index, (path, hint, flag, default) in enumerate(_walk(section)):
+            if flag.key in seen:
+                raise TypeError(f"{flag.name} is declared by both {seen[flag.key]} and {section}")
+            seen[flag.key] = section
+            if flag.panel not in panels:
+                raise TypeError(f"{flag.name}: panel {flag.panel!r} is not in this command's panels")
+            repeatable = isinstance(default, tuple)
+            if flag.key in defaults:
+                default = defaults[flag.key]
+            elif flag.negate:
+                default = not default
+            elif repeatable:
+                default = None  # no values given means the dataclass default
+            common = dict(
+                flag=flag,
+                section=section,
+                path=path,
+                annotation=_cli_type(hint, flag),
+                default=default,
+                help=helps.get(flag.key, flag.help),
+                order=(panels.index(flag.panel), s_index, f_index),
+                repeatable=repeatable,
+            )
+            params.append(_Param(**common))
+            for _ in flag.aliases[:1]:
+                params.append(_Param(**common, hidden_alias_of=flag.key))
+    unknown = set(defaults) - set(seen) | set(helps) - set(seen)
+    if unknown:
+        raise TypeError(f"override for unknown options: {sorted(unknown)}")
+    return sorted(params, key=lambda p: p.order)
 
 
 # ---------------------------------------------------------------------------- --config
@@ -147,99 +214,161 @@ def read_config_file(path: Path, command: str) -> dict[str, Any]:
     section = data.pop(command, {}) if isinstance(data.get(command), dict) else {}
     merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
     merged.update(section)
-    return {key.replace("-", "_"): value for key, value in merged.items()}
+    return merged
 
 
-def with_config_file(ctx: Any, command: str) -> dict[str, Any]:
-    """The command's parameters, with values from `--config` where the command line gave none."""
-    params = dict(ctx.params)
-    path = params.get("config")
+def config_key(key: str, params: Sequence[_Param], path: Path) -> tuple[str, str | None]:
+    """The option a TOML key names, and the deprecated spelling used (or None); a typo is an error."""
+    real = {p.key: p for p in params if p.hidden_alias_of is None}
+    normal = key.replace("-", "_")
+    if normal in real:
+        return normal, None
+    if normal.rstrip("_") in real:  # the Python names of 0.x files: format_, type_, json_
+        return normal.rstrip("_"), key
+    aliases = {_key(a): p.key for p in real.values() for a in p.flag.aliases}
+    if normal in aliases:
+        return aliases[normal], key
+    names = [p.flag.name.lstrip("-") for p in real.values()]
+    close = difflib.get_close_matches(key.replace("_", "-"), names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else "the keys are the option names, such as 'batch-size'."
+    raise SdcError(f"config file {path} has an unknown option {key!r}; {hint}")
+
+
+def _as_path(annotation: Any, value: Any) -> Any:
+    """Typer converts command-line paths to Path; values from the file get the same treatment."""
+    if value is None:
+        return None
+    if Path in typing.get_args(annotation) or annotation is Path:
+        return Path(value)
+    return value
+
+
+def merge_config_file(
+    ctx: typer.Context, values: dict[str, Any], params: Sequence[_Param], command: str
+) -> dict[str, Any]:
+    """`values` with the file's options filled in where the command line gave none."""
+    path = values.pop("config", None)
     if not path:
-        return params
+        return values
     by_name = {p.name: p for p in ctx.command.params}
+    by_key = {p.key: p for p in params}
     for key, value in read_config_file(path, command).items():
-        if key not in by_name or key == "config":
-            raise SdcError(f"config file {path} has an unknown option {key!r}; remove it or fix its name.")
-        source = ctx.get_parameter_source(key)
-        if source is not None and source.name == "COMMANDLINE":  # by name: typer may vendor its own click
+        name, old = config_key(key, params, path)
+        if old is not None:
+            from sdcompress.cli._output import note
+
+            note(f"config key {old!r} is deprecated; write {by_key[name].flag.name.lstrip('-')!r}.")
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name == "COMMANDLINE":  # by name: typer vendors its own click
             continue
         try:
-            params[key] = by_name[key].process_value(ctx, value)
+            converted = by_name[name].process_value(ctx, value)
         except Exception as exc:  # the parameter's own conversion error, whichever click raised it
             message = getattr(exc, "message", str(exc))
             raise SdcError(f"config file {path}: option {key!r} has a bad value ({message}).") from exc
-    return params
+        values[name] = _as_path(by_key[name].annotation, converted)
+    return values
 
 
-def require(params: dict[str, Any], **options: str) -> None:
-    """Options that may come from the command line or the config file but must come from one of them."""
-    for key, flag in options.items():
-        if params.get(key) in (None, ""):
-            raise SdcError(f"{flag} is required; give it on the command line or in the --config file.")
+# ---------------------------------------------------------------------------- building the dataclasses
 
 
-# ---------------------------------------------------------------------------- requests
+class Parsed:
+    """The command's dataclasses, built from the options: `parsed[TrainConfig]`."""
+
+    def __init__(self, built: dict[type, Any]) -> None:
+        self._built = built
+
+    def __getitem__(self, cls: type[T]) -> T:
+        return self._built[cls]
 
 
-def data_config(p: dict[str, Any], default_resolution: int) -> DataConfig:
-    return DataConfig(
-        data_dir=p.get("data"),
-        dataset_name=p.get("dataset_name"),
-        dataset_split=p["dataset_split"],
-        image_column=p["image_column"],
-        caption_column=p["caption_column"],
-        caption_extension=p["caption_extension"],
-        resolution=p.get("resolution") or default_resolution,
-        center_crop=not p["random_crop"],
-        random_flip=p["random_flip"],
-        caption_dropout=p["caption_dropout"],
-        buckets=p["buckets"],
-        require_captions=p["require_captions"],
+def _value(param: _Param, value: Any) -> Any:
+    if param.flag.negate:
+        return not value
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def build_sections(sections: Sequence[type], params: Sequence[_Param], values: Mapping[str, Any]) -> Parsed:
+    """Each section dataclass from its fields' option values (nested dataclasses too)."""
+    built = {}
+    for section in sections:
+        nested: dict[tuple[str, ...], dict[str, Any]] = {(): {}}
+        for p in params:
+            if p.section is not section or p.hidden_alias_of is not None:
+                continue
+            value = values[p.key]
+            if value is None and p.repeatable:
+                continue  # not given: the dataclass default (e.g. validation seed 0)
+            nested.setdefault(p.path[:-1], {})[p.path[-1]] = _value(p, value)
+        built[section] = _construct(section, nested, ())
+    return Parsed(built)
+
+
+def _construct(cls: type, nested: dict[tuple[str, ...], dict[str, Any]], prefix: tuple[str, ...]) -> Any:
+    kwargs = dict(nested.get(prefix, {}))
+    for f in fields(cls):
+        if flag_of(f) is None and is_dataclass(f.default):
+            kwargs[f.name] = _construct(type(f.default), nested, (*prefix, f.name))
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+@dataclass(frozen=True)
+class TrainingCommand:
+    """A training command as data: its sections, help panels, overrides, required flags and what it runs."""
+
+    name: str  # the TOML table of its options
+    sections: tuple[type, ...]
+    panels: tuple[str | None, ...]
+    run: Callable[[Parsed], None]
+    doc: str
+    required: tuple[str, ...] = ()  # option keys
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    helps: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def training_command(spec: TrainingCommand) -> Callable[..., None]:
+    """A function Typer can register: its signature lists every option; calling it runs `spec.run`."""
+    params = build_params(spec.sections, spec.panels, spec.defaults, spec.helps)
+    by_key = {p.key: p for p in params}
+
+    def command(ctx: typer.Context, **values: Any) -> None:
+        values = merge_config_file(ctx, values, params, spec.name)
+        for p in params:
+            if p.hidden_alias_of is not None:
+                real = by_key[p.hidden_alias_of]
+                values[real.key] = renamed(
+                    values[real.key],
+                    values.pop(p.key),
+                    new=real.flag.name,
+                    old=p.flag.aliases[0],
+                    default=real.default,
+                )
+        for key in spec.required:
+            if values.get(key) in (None, ""):
+                raise SdcError(
+                    f"{by_key[key].flag.name} is required; give it on the command line or in the --config file."
+                )
+        spec.run(build_sections(spec.sections, params, values))
+
+    config = inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP, rich_help_panel=RUN)],
     )
-
-
-def loss_config(p: dict[str, Any]) -> LossConfig:
-    if p["cache_latents"] and (p["random_crop"] or p["random_flip"]):
-        raise SdcError("--cache-latents needs fixed images; drop --random-crop and --random-flip.")
-    return LossConfig(
-        noise=NoiseConfig(offset=p["noise_offset"], prediction_type=p.get("prediction_type")),
-        snr_gamma=p.get("snr_gamma"),
-        cache_latents=p["cache_latents"],
-    )
-
-
-def train_config(p: dict[str, Any], output: Path) -> TrainConfig:
-    prompts = tuple(p.get("validation_prompt") or ())
-    seeds = tuple(p.get("validation_seed") or (0,))
-    return TrainConfig(
-        work_dir=Path(p.get("work_dir") or output.with_name(output.name + ".train")),
-        output_dir=output,
-        overwrite=p["overwrite"],
-        max_steps=p.get("max_steps") if p.get("max_steps") or not p.get("epochs") else None,
-        epochs=p.get("epochs"),
-        batch_size=p["batch_size"],
-        grad_accum=p["grad_accum"],
-        lr=p["lr"],
-        lr_scheduler=p["lr_scheduler"],
-        warmup_steps=p["warmup_steps"],
-        optimizer=p["optimizer"],
-        weight_decay=p["weight_decay"],
-        max_grad_norm=p["max_grad_norm"] or None,
-        mixed_precision=p["mixed_precision"],
-        gradient_checkpointing=p["gradient_checkpointing"],
-        seed=p["seed"],
-        checkpoint_every=p["checkpoint_every"],
-        keep_checkpoints=p["keep_checkpoints"] or None,
-        resume=p.get("resume"),
-        ema=p["ema"],
-        ema_decay=p["ema_decay"],
-        validation=ValidationConfig(
-            prompts=prompts, seeds=seeds, every=p["validation_every"], steps=p["validation_steps"]
-        ),
-        report_to=p["report_to"],
-        num_workers=p["num_workers"],
-        cpu=p["cpu"],
-    )
+    parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    parameters += [p.typer_parameter() for p in params] + [config]
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__doc__ = spec.doc
+    command.__name__ = command.__qualname__ = spec.name.replace("-", "_")
+    return command
 
 
 # ---------------------------------------------------------------------------- progress
@@ -249,6 +378,15 @@ class TrainingProgress:
     """A rich progress bar on stderr fed by the engine's events: step, loss terms, lr, it/s."""
 
     def __init__(self, console, *, disable: bool = False) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         self.console = console
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -287,3 +425,34 @@ class TrainingProgress:
             self.progress.console.print(f"[dim]{event.message}[/dim]")
         elif event.kind in ("checkpoint", "validation", "interrupted") and not self.disable:
             self.progress.console.print(f"[dim]{event.kind} at step {event.step}: {event.path}[/dim]")
+
+
+def report(result, as_json: bool) -> None:
+    """Loss table (or JSON), data notes, and exit 130 after an interrupted run (finetune, lora train)."""
+    from sdcompress.cli._output import emit_json, note
+
+    if as_json:
+        emit_json(result.__dict__)
+    else:
+        loss_table(result)
+    if result.interrupted:
+        note(
+            f"stopped at step {result.steps}; checkpoint {result.last_checkpoint}; rerun with --resume latest"
+        )
+        raise typer.Exit(130)
+
+
+def loss_table(result) -> None:
+    """First and last value of each loss term, and what the data scan skipped."""
+    from sdcompress.cli._output import note, table
+
+    rows = [
+        (k, f"{result.first_losses.get(k, float('nan')):.4g}", f"{v:.4g}")
+        for k, v in result.last_losses.items()
+    ]
+    table("loss terms", ["term", "first step", "last step"], rows, right=["first step", "last step"])
+    if result.data.get("unreadable") or result.data.get("missing_captions"):
+        note(
+            f"data: {result.data['images']} images used, {result.data['unreadable']} unreadable skipped, "
+            f"{result.data['missing_captions']} without caption (trained with an empty caption)"
+        )

@@ -7,17 +7,129 @@ shows the traceback instead. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.main
+import typer.models
+from typer.core import TyperCommand, TyperGroup
 
 from sdcompress import __version__
 from sdcompress.errors import SdcError
 
+# name -> (module, attribute, the first paragraph of its help), in the order `--help` lists them.
+# The summary is here so that `sdcompress --help` imports no command module (a test keeps it in step).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "info": (
+        "sdcompress.cli.info",
+        "info",
+        "Show a model's format, family or preset, dtypes, parameter counts per component and stage, and size.",
+    ),
+    "convert": (
+        "sdcompress.cli.convert",
+        "convert",
+        "Convert between single-file (A1111/ComfyUI) and diffusers folders, and between LoRA layouts.",
+    ),
+    "prune": (
+        "sdcompress.cli.prune",
+        "prune",
+        "Prune a teacher U-Net into a student: a published layout or your own, initialised from the teacher.",
+    ),
+    "distill": (
+        "sdcompress.cli.distill",
+        "distill",
+        "Distill a pruned student U-Net from its teacher (task + output + feature losses, BK-SDM style).",
+    ),
+    "finetune": (
+        "sdcompress.cli.finetune",
+        "finetune",
+        "Fine-tune a pipeline's U-Net (and optionally its text encoders) on captioned images.",
+    ),
+    "extract-lora": (
+        "sdcompress.cli.extract",
+        "extract_lora",
+        "Extract a LoRA from the difference between a fine-tuned model and its base.",
+    ),
+    "merge": (
+        "sdcompress.cli.merge",
+        "merge",
+        "Merge models and LoRAs, tensor by tensor. Output .safetensors: one file; else a diffusers folder.",
+    ),
+    "bench": (
+        "sdcompress.cli.bench",
+        "bench",
+        "Measure U-Net parameters, size, peak memory and denoising steps/s; speedup against the first model.",
+    ),
+    "push": (
+        "sdcompress.cli.push",
+        "push",
+        "Upload a model folder, a single file or a LoRA to the Hugging Face Hub with a model card.",
+    ),
+    "demo": (
+        "sdcompress.cli.demo",
+        "demo",
+        "Run prune -> distill -> extract-lora -> convert -> bench on the built-in tiny SDXL-shaped model, offline.",
+    ),
+    "lora": ("sdcompress.cli.lora", "app", "Train LoRA adapters."),
+}
+_loaded: dict[str, Any] = {}
+
+
+def load_command(name: str) -> Any:
+    """The click command for `name`, built from its module on first use."""
+    if name not in _loaded:
+        module, attribute, _ = COMMANDS[name]
+        target = getattr(importlib.import_module(module), attribute)
+        if isinstance(target, typer.Typer):
+            command = typer.main.get_group(target)
+            command.name = name
+        else:
+            info = typer.models.CommandInfo(name=name, callback=target)
+            command = typer.main.get_command_from_info(
+                info,
+                pretty_exceptions_short=app.pretty_exceptions_short,
+                rich_markup_mode=app.rich_markup_mode,
+            )
+        _loaded[name] = command
+    return _loaded[name]
+
+
+class LazyGroup(TyperGroup):
+    """The root group: a command's module is imported only when that command runs or shows its help.
+
+    Typer builds every command from its function when the app starts, which
+    imports every command module and, through them, torch and diffusers (2-10 s).
+    Listing the commands needs only their names and summaries, so `--help`,
+    completion of command names and a mistyped command answer at once.
+    """
+
+    _listing = False
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name not in COMMANDS:
+            return None
+        if self._listing:
+            summary = COMMANDS[name][2]
+            return TyperCommand(name=name, help=summary, short_help=summary)
+        return load_command(name)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
 app = typer.Typer(
     name="sdcompress",
+    cls=LazyGroup,
     help="Compress and adapt Stable Diffusion checkpoints: prune, distill, fine-tune, LoRA, merge, convert, push.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -39,53 +151,39 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
+    del version  # handled by its eager callback
     _state["debug"] = debug or os.environ.get("SDCOMPRESS_DEBUG") == "1"
-    from sdcompress.cli import _noise
-
-    _noise.configure(_state["debug"])
-
-
-def _register() -> None:
-    """One line per command, in the order of the workflow (this is the order `--help` lists them)."""
-    from sdcompress.cli import (
-        bench,
-        convert,
-        demo,
-        distill,
-        extract,
-        finetune,
-        info,
-        lora,
-        merge,
-        prune,
-        push,
-    )
-
-    app.command("info")(info.info)
-    app.command("convert")(convert.convert)
-    app.command("prune")(prune.prune)
-    app.command("distill")(distill.distill)
-    app.command("finetune")(finetune.finetune)
-    app.add_typer(lora.app, name="lora")
-    app.command("extract-lora")(extract.extract_lora)
-    app.command("merge")(merge.merge)
-    app.command("bench")(bench.bench)
-    app.command("push")(push.push)
-    app.command("demo")(demo.demo)
-
-
-_register()
 
 
 def main() -> None:
+    """Run the CLI; every error the user can fix is one line on stderr with exit code 2 (1 for Ctrl-D)."""
+    from typer._click import exceptions as click_errors  # typer vendors click: its own exception types
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except SdcError as e:
         if _state["debug"]:
             raise
-        from sdcompress.cli._output import err
-
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         sys.exit(e.exit_code)
+    except click_errors.NoArgsIsHelpError as e:  # the help is already printed
+        sys.exit(e.exit_code)
+    except click_errors.UsageError as e:
+        # click's usage errors are a boxed usage block; the house rule is one sentence naming the fix.
+        where = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+        _error(" ".join(e.format_message().split()).rstrip(".") + where + ".")
+        sys.exit(e.exit_code)
+    except click_errors.ClickException as e:
+        _error(e.format_message())
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str) -> None:
+    from sdcompress.cli._output import err
+
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True, markup=True)

@@ -33,6 +33,7 @@ from sdcompress.services.finetune import (
     prior_config,
     run_training,
 )
+from sdcompress.training.config import DreamBooth
 from sdcompress.training.data import DataConfig
 from sdcompress.training.engine import ProgressCallback, TrainConfig
 from sdcompress.training.finetune_task import count_images, generate_class_images
@@ -45,34 +46,6 @@ OUTPUT_FORMATS = ("kohya", "peft", "both")
 
 
 DEFAULT_CLASS_IMAGES = 100  # what diffusers' DreamBooth scripts generate by default
-
-
-@dataclass(frozen=True)
-class DreamBooth:
-    """DreamBooth options: every instance caption becomes `instance_prompt`; class images add a prior term.
-
-    Prior preservation is on with `class_data` or `class_prompt`. With a class
-    prompt, the class folder (default `OUTPUT.class-images/`) is filled up to
-    `num_class_images` (default 100) by the base model before training.
-    """
-
-    instance_prompt: str | None = None
-    class_data: Path | None = None
-    class_prompt: str | None = None
-    prior_loss_weight: float = 1.0
-    num_class_images: int | None = None
-    class_inference_steps: int = 30
-
-    @property
-    def enabled(self) -> bool:
-        return self.class_data is not None or self.class_prompt is not None
-
-    def class_folder(self, output: Path) -> Path:
-        return (
-            Path(self.class_data)
-            if self.class_data is not None
-            else output.with_name(output.name + ".class-images")
-        )
 
 
 @dataclass(frozen=True)

@@ -28,37 +28,10 @@ import torch
 from PIL import Image, ImageOps
 
 from sdcompress.errors import SdcError
+from sdcompress.training.config import DataConfig
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 BUCKET_DIVISIBILITY = 64  # VAE factor 8 x three U-Net downsamples: latents must divide by 8
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the images come from and how they are turned into training tensors."""
-
-    data_dir: Path | None = None
-    dataset_name: str | None = None
-    dataset_split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "text"
-    caption_extension: str = ".txt"
-    resolution: int = 512
-    center_crop: bool = True
-    random_flip: bool = False
-    caption_dropout: float = 0.0
-    buckets: bool = False
-    bucket_step: int = 64  # pixels per bucket side step: VAE factor x U-Net downsampling (64 for SD)
-    require_captions: bool = False
-
-    def validate(self) -> None:
-        """Reject options that cannot work before any image is read."""
-        if (self.data_dir is None) == (self.dataset_name is None):
-            raise SdcError("give exactly one data source: --data DIR or --dataset-name NAME.")
-        if self.resolution <= 0 or self.resolution % 8:
-            raise SdcError(f"--resolution must be a positive multiple of 8, got {self.resolution}.")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise SdcError(f"--caption-dropout must be between 0 and 1, got {self.caption_dropout}.")
 
 
 @dataclass(frozen=True)
@@ -252,6 +225,8 @@ def model_bucket_step(vae_config: dict, unet_config: dict) -> int:
 
 def assign_buckets(records: Sequence[Record], config: DataConfig) -> list[tuple[int, int]]:
     """Target size (h, w) for each record: a square of `resolution`, or its nearest-aspect bucket."""
+    if config.resolution is None:
+        raise SdcError("no training resolution set; give --resolution (the services use the model's).")
     if not config.buckets:
         return [(config.resolution, config.resolution)] * len(records)
     from diffusers.training_utils import find_nearest_bucket

@@ -10,7 +10,6 @@ text-encoder forward and noisy latents.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from sdcompress.errors import SdcError
+from sdcompress.training.config import DistillWeights
 from sdcompress.training.features import FeaturePair, FeatureTaps
 from sdcompress.training.losses import feature_mse
 from sdcompress.training.task import DiffusionParts, DiffusionTask, LossConfig, TrainingSummary, run_unet
 
 StudentSaver = Callable[[torch.nn.Module, Path, TrainingSummary], None]
-
-
-@dataclass(frozen=True)
-class DistillWeights:
-    """Weights of the three terms; BK-SDM's recipe is 1/1/1, Segmind's distill-sd 1/0.5/0.5."""
-
-    task: float = 1.0
-    output: float = 1.0
-    features: float = 1.0
 
 
 class DistillTask(DiffusionTask):

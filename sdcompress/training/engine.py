@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from sdcompress.checkpoint.atomic import atomic_dir
+from sdcompress.checkpoint.atomic import apply_umask, atomic_dir, disk_full_as_error
 from sdcompress.errors import SdcError
 from sdcompress.training import checkpoints as ckpt
+from sdcompress.training.config import DEFAULT_MAX_STEPS, TrainConfig
 from sdcompress.training.data import (
     DataConfig,
     DataStats,
@@ -42,77 +43,7 @@ from sdcompress.training.data import (
     rank_batches,
 )
 from sdcompress.training.task import TrainingSummary, TrainTask
-from sdcompress.training.validation import ValidationConfig, render_grid, save_grid
-
-MIXED_PRECISION = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit")
-SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-)
-TRACKERS = ("none", "tensorboard", "wandb")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything the loop needs besides the task and the data."""
-
-    work_dir: Path
-    output_dir: Path | None = None
-    overwrite: bool = False
-    max_steps: int | None = 1000
-    epochs: int | None = None
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-5
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    optimizer: str = "adamw"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    allow_tf32: bool = True
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int | None = 3
-    resume: str | None = None
-    ema: bool = False
-    ema_decay: float = 0.9999
-    validation: ValidationConfig = ValidationConfig()
-    report_to: str = "none"
-    num_workers: int = 0
-    cpu: bool = False
-
-    def validate(self) -> None:
-        """Reject impossible settings before any model is touched."""
-        checks = [
-            (self.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {MIXED_PRECISION}"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
-            (self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {SCHEDULERS}"),
-            (self.report_to in TRACKERS, f"--report-to must be one of {TRACKERS}"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
-            (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more"),
-            (self.max_steps is not None or self.epochs is not None, "give --max-steps or --epochs"),
-            (
-                (self.max_steps or 1) >= 1 and (self.epochs or 1) >= 1,
-                "--max-steps and --epochs must be positive",
-            ),
-            (0.0 < self.ema_decay < 1.0, "--ema-decay must be between 0 and 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SdcError(message + "; fix the option and run again.")
+from sdcompress.training.validation import render_grid, save_grid
 
 
 @dataclass(frozen=True)
@@ -248,6 +179,8 @@ def _make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.
 def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     if config.max_steps is not None:
         return config.max_steps
+    if config.epochs is None:
+        return DEFAULT_MAX_STEPS
     return math.ceil(config.epochs * batches_per_epoch / config.grad_accum)
 
 
@@ -268,6 +201,7 @@ class _Loop:
         self.history: list[dict[str, float]] = []
         self.validation_images: list[Path] = []
         self.last_checkpoint: Path | None = None
+        self.resumed_max_steps: int | None = None
         self.step = 0
 
     # -- reporting --------------------------------------------------------
@@ -337,10 +271,12 @@ class _Loop:
         path = ckpt.resolve_resume(self.config.resume, self.checkpoint_dir)
         if path is None:
             return None
+        state = ckpt.read_state(path)
+        check_resumable(state, self.config, self.world, path)
         # strict=False: checkpoints of adapter training hold only the trainable weights (see below)
         self.accelerator.load_state(str(path), strict=False)
-        state = ckpt.read_state(path)
         self.step = int(state["step"])
+        self.resumed_max_steps = state.get("max_steps")
         self.history = list(state.get("loss_history", []))
         self.last_checkpoint = path
         return path
@@ -417,7 +353,8 @@ class _Loop:
         acc = self.accelerator
         path = ckpt.checkpoint_path(self.checkpoint_dir, self.step)
         acc.wait_for_everyone()
-        acc.save_state(str(path))
+        with disk_full_as_error(path):
+            acc.save_state(str(path))
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {
@@ -431,6 +368,7 @@ class _Loop:
                 "world_size": self.world,
                 "loss_history": self.history,
             }
+            apply_umask(path)  # accelerate saves through safetensors' 0600 temporary files
             ckpt.write_state(path, state)
             ckpt.rotate(self.checkpoint_dir, self.config.keep_checkpoints)
         acc.wait_for_everyone()
@@ -481,7 +419,13 @@ class _Loop:
         self.setup()
         resumed = self.resume()
         config = self.config
-        self.emit("start", message=f"resumed from {resumed}" if resumed else "")
+        message = f"resumed from {resumed}" if resumed else ""
+        if resumed and self.resumed_max_steps not in (None, self.max_steps):
+            message += (
+                f"; the run now ends at step {self.max_steps} instead of {self.resumed_max_steps}, "
+                "and the lr schedule is stretched or shrunk to that length from here on"
+            )
+        self.emit("start", message=message)
         batches = self.micro_batches(self.step * config.grad_accum)
         epoch = (self.step * config.grad_accum) // self.batches_per_epoch
         interrupted = False
@@ -550,6 +494,42 @@ class _Loop:
         raise SdcError(
             f"the loss became non-finite at step {self.step + 1} ({bad}) and training stopped; {kept}; "
             "lower --lr, use --mixed-precision bf16 or no, then run again with --resume latest."
+        )
+
+
+# What exact resume depends on: the data position is `step * grad_accum` micro-batches of `batch_size`
+# split over `world_size` ranks, and every random draw is seeded from `seed`. Other options (lr,
+# max_steps, validation...) may change between runs.
+RESUME_INVARIANTS = (
+    ("batch_size", "--batch-size"),
+    ("grad_accum", "--grad-accum"),
+    ("world_size", "processes"),
+    ("seed", "--seed"),
+)
+
+
+def check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, path: Path) -> None:
+    """Refuse to resume a checkpoint whose data position or randomness this run cannot reproduce.
+
+    A changed batch size or process count would silently skip or repeat images,
+    a changed seed would draw other noise: the result would no longer be what an
+    uninterrupted run gives. Checkpoints written before a value was recorded skip its check.
+    """
+    now = {
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "world_size": world_size,
+        "seed": config.seed,
+    }
+    changed = [
+        f"{flag} {state[key]} (this run: {now[key]})"
+        for key, flag in RESUME_INVARIANTS
+        if key in state and state[key] != now[key]
+    ]
+    if changed:
+        raise SdcError(
+            f"checkpoint {path} was made with {', '.join(changed)}, and exact resume needs the same values; "
+            "rerun with those, or start a new run with another --work-dir."
         )
 
 

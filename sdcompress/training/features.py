@@ -21,14 +21,13 @@ modules, so DDP's `module.` prefix never matters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from sdcompress.errors import SdcError
+from sdcompress.training.config import FeatureMode
 
-FeatureMode = Literal["blocks", "attentions", "self-attention", "none"]
-FEATURE_MODES = ("blocks", "attentions", "self-attention", "none")
+FEATURE_MODES = tuple(FeatureMode)
 
 
 @dataclass(frozen=True)

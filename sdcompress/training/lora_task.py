@@ -24,43 +24,16 @@ import torch
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.layouts import LoraModule
 from sdcompress.lowrank.targets import TE, TE2, UNET, Target, is_target
+from sdcompress.training.config import AdapterSpec, AdapterType, TargetSet
 from sdcompress.training.finetune_task import UNetTrainingTask
 from sdcompress.training.task import DiffusionParts, LossConfig
 
 ADAPTER = "default"
-ADAPTER_TYPES = ("lora", "loha", "lokr")
-TARGET_SETS = ("attention", "attention+ff", "all-linear", "all")
+ADAPTER_TYPES = tuple(AdapterType)
+TARGET_SETS = tuple(TargetSet)
 _ATTENTION_RX = re.compile(r"\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$")
 _FF_RX = re.compile(r"\.ff\.net\.(?:0\.proj|2)$")
 _ADAPTER_PARAM_RX = re.compile(r"\.(?:lora_[AB]|hada_\w+|lokr_\w+)\." + ADAPTER + r"(?:\.|$)")
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """What to train: adapter type, rank, alpha, dropout, the U-Net target set, and the text encoders."""
-
-    type: str = "lora"
-    rank: int = 16
-    alpha: float | None = None  # None: alpha = rank (scale 1)
-    dropout: float = 0.0
-    targets: str = "attention"
-    text_encoder: bool = False
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
-
-    def validate(self) -> None:
-        if self.type not in ADAPTER_TYPES:
-            raise SdcError(f"unknown --type {self.type!r}; choose one of {', '.join(ADAPTER_TYPES)}.")
-        if self.targets not in TARGET_SETS:
-            raise SdcError(f"unknown --targets {self.targets!r}; choose one of {', '.join(TARGET_SETS)}.")
-        if self.rank < 1:
-            raise SdcError(f"--rank must be at least 1, got {self.rank}; pass a positive rank such as 16.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SdcError(f"--dropout must be in [0, 1), got {self.dropout}.")
-        if self.alpha is not None and self.alpha <= 0:
-            raise SdcError(f"--alpha must be positive, got {self.alpha}.")
 
 
 # ---------------------------------------------------------------------------- targets

@@ -10,13 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class NoiseConfig:
-    """How training noise is drawn: `offset` adds a per-channel constant (noise offset)."""
-
-    offset: float = 0.0
-    prediction_type: str | None = None  # None: the scheduler's own
+from sdcompress.training.config import NoiseConfig
 
 
 @dataclass

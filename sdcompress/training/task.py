@@ -16,8 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from sdcompress.training.conditioning import Conditioning, encode_prompts, unet_added_conditions
+from sdcompress.training.config import LossConfig
 from sdcompress.training.losses import diffusion_loss
-from sdcompress.training.noise import NoiseConfig, NoisyBatch, add_noise
+from sdcompress.training.noise import NoisyBatch, add_noise
 
 
 @dataclass(frozen=True)
@@ -130,15 +131,6 @@ def _rebuild_meta_position_ids(module: torch.nn.Module) -> None:
             sub = module.get_submodule(owner) if owner else module
             value = torch.arange(buffer.shape[-1]).expand(buffer.shape).clone()
             sub.register_buffer(leaf, value, persistent=False)
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Task-loss options shared by every diffusion job."""
-
-    noise: NoiseConfig = NoiseConfig()
-    snr_gamma: float | None = None
-    cache_latents: bool = False
 
 
 @dataclass

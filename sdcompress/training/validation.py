@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-
-@dataclass(frozen=True)
-class ValidationConfig:
-    """What to render every `every` steps (0: only at the end when prompts are given)."""
-
-    prompts: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = (0,)
-    every: int = 0
-    steps: int = 20
-    guidance_scale: float = 5.0
-    resolution: int | None = None
+from sdcompress.training.config import ValidationConfig
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:

@@ -1,0 +1,501 @@
+"""The training options as data: one dataclass per concern, each field carrying its command-line flag.
+
+These dataclasses are the only place a training option is declared. The
+engine, the tasks and the services read them; the CLI builds its `distill`,
+`finetune` and `lora train` options *from* them (`cli/_training_options.py`
+reads each field's `option(...)` metadata: flag, help, panel, choices), and
+`--config run.toml` keys are the same flag names. A field without that
+metadata is a library-only setting (e.g. Adam's betas) with no flag.
+
+This module imports neither torch nor anything heavy, so the CLI can build
+its help from it in milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sdcompress.choices import Choice, PredictionType
+from sdcompress.errors import SdcError
+
+# Help panels (rich) the options are grouped in; None is Typer's plain "Options" panel.
+DATA = "Data"
+OPTIMISATION = "Optimisation"
+LOSS = "Loss"
+RUN = "Checkpoints, validation and logging"
+ADAPTER = "Adapter"
+DREAMBOOTH = "DreamBooth"
+DISTILLATION = "Distillation"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a dataclass field appears on the command line and in `--config` files.
+
+    `negate`: the flag is the field's opposite (`--random-crop` sets `center_crop=False`).
+    `aliases`: old spellings still accepted, with a deprecation note (CLI and TOML).
+    """
+
+    name: str
+    help: str
+    panel: str | None = None
+    choices: type[Choice] | None = None
+    parser: Callable[[str], Any] | None = None  # Typer parser for sets with aliases (DType)
+    metavar: str | None = None
+    short: str | None = None
+    negate: bool = False
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """The Python name of the flag: `--batch-size` -> `batch_size` (also the TOML key)."""
+        return self.name.lstrip("-").replace("-", "_")
+
+
+def option(name: str, help: str, panel: str | None = None, **kwargs: Any) -> dict[str, Flag]:
+    """Field metadata declaring the field's flag: `field(default=..., metadata=option("--lr", ...))`."""
+    return {"cli": Flag(name, help, panel, **kwargs)}
+
+
+def flag_of(f: Any) -> Flag | None:
+    return f.metadata.get("cli")
+
+
+def coerce_choices(obj: Any) -> None:
+    """Turn plain strings into the fields' Enums (library callers may pass "fp16"); refuse unknown values.
+
+    Called from `__post_init__`, so a bad choice fails when the config is made,
+    whether it came from the CLI, a TOML file or Python.
+    """
+    for f in fields(obj):
+        flag = flag_of(f)
+        value = getattr(obj, f.name)
+        if flag is None or flag.choices is None or value is None or isinstance(value, flag.choices):
+            continue
+        object.__setattr__(obj, f.name, flag.choices.parse(value, flag.name))
+
+
+# ---------------------------------------------------------------------------- choices
+
+
+class MixedPrecision(Choice):
+    NO = "no"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class Optimizer(Choice):
+    ADAMW = "adamw"
+    ADAMW8BIT = "adamw8bit"
+
+
+class LrScheduler(Choice):
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+    LINEAR = "linear"
+    COSINE = "cosine"
+    COSINE_WITH_RESTARTS = "cosine_with_restarts"
+    POLYNOMIAL = "polynomial"
+
+
+class Tracker(Choice):
+    NONE = "none"
+    TENSORBOARD = "tensorboard"
+    WANDB = "wandb"
+
+
+class AdapterType(Choice):
+    LORA = "lora"
+    LOHA = "loha"
+    LOKR = "lokr"
+
+
+class TargetSet(Choice):
+    ATTENTION = "attention"
+    ATTENTION_FF = "attention+ff"
+    ALL_LINEAR = "all-linear"
+    ALL = "all"
+
+
+class FeatureMode(Choice):
+    BLOCKS = "blocks"
+    ATTENTIONS = "attentions"
+    SELF_ATTENTION = "self-attention"
+    NONE = "none"
+
+
+DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor epochs is given
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are turned into training tensors."""
+
+    data_dir: Path | None = field(
+        default=None,
+        metadata=option("--data", "Folder of images with .txt captions or metadata.jsonl.", DATA),
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata=option("--dataset-name", "Hugging Face dataset id (needs `datasets`, online).", DATA),
+    )
+    dataset_split: str = field(
+        default="train", metadata=option("--dataset-split", "Split of --dataset-name.", DATA)
+    )
+    image_column: str = field(
+        default="image", metadata=option("--image-column", "Image column of --dataset-name.", DATA)
+    )
+    caption_column: str = field(
+        default="text",
+        metadata=option("--caption-column", "Caption column (dataset or metadata.jsonl).", DATA),
+    )
+    caption_extension: str = field(
+        default=".txt", metadata=option("--caption-extension", "Sidecar caption suffix.", DATA)
+    )
+    resolution: int | None = field(  # None: the model's (the services fill it in)
+        default=None, metadata=option("--resolution", "Training resolution (default: the model's).", DATA)
+    )
+    center_crop: bool = field(
+        default=True, metadata=option("--random-crop", "Random instead of center crops.", DATA, negate=True)
+    )
+    random_flip: bool = field(
+        default=False, metadata=option("--random-flip", "Flip half of the images horizontally.", DATA)
+    )
+    caption_dropout: float = field(
+        default=0.0,
+        metadata=option("--caption-dropout", "Fraction of captions replaced by the empty caption.", DATA),
+    )
+    buckets: bool = field(
+        default=False, metadata=option("--buckets", "Aspect-ratio buckets instead of square crops.", DATA)
+    )
+    bucket_step: int = 64  # pixels per bucket side step: VAE factor x U-Net downsampling (64 for SD)
+    require_captions: bool = field(
+        default=False,
+        metadata=option(
+            "--require-captions", "Refuse images without a caption (default: empty caption).", DATA
+        ),
+    )
+
+    def validate(self) -> None:
+        """Reject options that cannot work before any image is read."""
+        if (self.data_dir is None) == (self.dataset_name is None):
+            raise SdcError("give exactly one data source: --data DIR or --dataset-name NAME.")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise SdcError(f"--resolution must be a positive multiple of 8, got {self.resolution}.")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise SdcError(f"--caption-dropout must be between 0 and 1, got {self.caption_dropout}.")
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """How training noise is drawn: `offset` adds a per-channel constant (noise offset)."""
+
+    offset: float = field(
+        default=0.0, metadata=option("--noise-offset", "Noise offset (0.05-0.1 is usual).", LOSS)
+    )
+    prediction_type: PredictionType | None = field(  # None: the scheduler's own
+        default=None,
+        metadata=option(
+            "--prediction-type",
+            "epsilon or v_prediction (default: the model's).",
+            LOSS,
+            choices=PredictionType,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        coerce_choices(self)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Task-loss options shared by every diffusion job."""
+
+    snr_gamma: float | None = field(
+        default=None, metadata=option("--snr-gamma", "Min-SNR weighting gamma (5 is usual).", LOSS)
+    )
+    noise: NoiseConfig = NoiseConfig()
+    cache_latents: bool = field(
+        default=False,
+        metadata=option("--cache-latents", "Encode each image once (needs center crop, no flip).", DATA),
+    )
+
+
+def check_cache_latents(data: DataConfig, loss: LossConfig) -> None:
+    """Cached latents are the same every epoch, so the images must be too."""
+    if loss.cache_latents and (not data.center_crop or data.random_flip):
+        raise SdcError("--cache-latents needs fixed images; drop --random-crop and --random-flip.")
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """What to render every `every` steps (0: only at the end when prompts are given)."""
+
+    prompts: tuple[str, ...] = field(
+        default=(), metadata=option("--validation-prompt", "Prompt for validation grids (repeatable).", RUN)
+    )
+    seeds: tuple[int, ...] = field(
+        default=(0,), metadata=option("--validation-seed", "Seed per grid column (repeatable).", RUN)
+    )
+    every: int = field(
+        default=0, metadata=option("--validation-every", "Render the grid every N steps.", RUN)
+    )
+    steps: int = field(default=20, metadata=option("--validation-steps", "Inference steps per image.", RUN))
+    guidance_scale: float = 5.0
+    resolution: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the loop needs besides the task and the data.
+
+    `work_dir` defaults to OUTPUT.train next to `output_dir`; `max_steps` to
+    1000 unless `epochs` is given; `max_grad_norm` 0 or None and
+    `keep_checkpoints` 0 or None mean off / keep all.
+    """
+
+    work_dir: Path | None = field(
+        default=None,
+        metadata=option("--work-dir", "Checkpoints, validation grids, logs (default: OUTPUT.train).", RUN),
+    )
+    output_dir: Path | None = field(
+        default=None, metadata=option("--output", "Where to write the result. Required.", short="-o")
+    )
+    overwrite: bool = field(default=False, metadata=option("--overwrite", "Replace an existing output."))
+    max_steps: int | None = field(
+        default=None,
+        metadata=option(
+            "--max-steps", "Optimizer steps to train (default: 1000 unless --epochs).", OPTIMISATION
+        ),
+    )
+    epochs: int | None = field(
+        default=None, metadata=option("--epochs", "Epochs to train (instead of --max-steps).", OPTIMISATION)
+    )
+    batch_size: int = field(
+        default=1, metadata=option("--batch-size", "Images per GPU per micro-batch.", OPTIMISATION)
+    )
+    grad_accum: int = field(
+        default=1, metadata=option("--grad-accum", "Micro-batches per optimizer step.", OPTIMISATION)
+    )
+    lr: float = field(default=1e-5, metadata=option("--lr", "Learning rate.", OPTIMISATION))
+    lr_scheduler: LrScheduler = field(
+        default=LrScheduler.CONSTANT,
+        metadata=option(
+            "--lr-scheduler",
+            "constant, constant_with_warmup, linear, cosine, ...",
+            OPTIMISATION,
+            choices=LrScheduler,
+        ),
+    )
+    warmup_steps: int = field(
+        default=0, metadata=option("--warmup-steps", "Linear warmup steps.", OPTIMISATION)
+    )
+    optimizer: Optimizer = field(
+        default=Optimizer.ADAMW,
+        metadata=option("--optimizer", "adamw or adamw8bit (bitsandbytes).", OPTIMISATION, choices=Optimizer),
+    )
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = field(
+        default=1e-2, metadata=option("--weight-decay", "AdamW weight decay.", OPTIMISATION)
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata=option("--max-grad-norm", "Gradient clipping norm (0: off).", OPTIMISATION)
+    )
+    mixed_precision: MixedPrecision = field(
+        default=MixedPrecision.NO,
+        metadata=option("--mixed-precision", "no, fp16 or bf16.", OPTIMISATION, choices=MixedPrecision),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=option("--gradient-checkpointing", "Recompute activations to save memory.", OPTIMISATION),
+    )
+    allow_tf32: bool = True
+    seed: int = field(
+        default=0, metadata=option("--seed", "Seed for data order, augmentation and noise.", OPTIMISATION)
+    )
+    checkpoint_every: int = field(
+        default=500, metadata=option("--checkpoint-every", "Save a checkpoint every N steps.", RUN)
+    )
+    keep_checkpoints: int | None = field(
+        default=3, metadata=option("--keep-checkpoints", "Keep the last K checkpoints (0: all).", RUN)
+    )
+    resume: str | None = field(
+        default=None, metadata=option("--resume", "latest or a checkpoint folder.", RUN)
+    )
+    ema: bool = field(default=False, metadata=option("--ema", "Keep an EMA of the weights and save it.", RUN))
+    ema_decay: float = field(default=0.9999, metadata=option("--ema-decay", "EMA decay.", RUN))
+    validation: ValidationConfig = ValidationConfig()
+    report_to: Tracker = field(
+        default=Tracker.NONE,
+        metadata=option("--report-to", "none, tensorboard or wandb.", RUN, choices=Tracker),
+    )
+    # 0 (load in the main process), like the diffusers examples: works everywhere (no fork or pickling
+    # of the dataset), and the tiny per-image work here rarely starves a GPU; raise it for big JPEG sets.
+    num_workers: int = field(
+        default=0, metadata=option("--num-workers", "Data loader worker processes.", DATA)
+    )
+    cpu: bool = field(
+        default=False, metadata=option("--cpu", "Train on the CPU even when a GPU is present.", OPTIMISATION)
+    )
+
+    def __post_init__(self) -> None:
+        coerce_choices(self)
+        if self.output_dir is not None:
+            object.__setattr__(self, "output_dir", Path(self.output_dir))
+        if self.work_dir is None and self.output_dir is not None:
+            object.__setattr__(self, "work_dir", self.output_dir.with_name(self.output_dir.name + ".train"))
+        elif self.work_dir is not None:
+            object.__setattr__(self, "work_dir", Path(self.work_dir))
+
+    def validate(self) -> None:
+        """Reject impossible settings before any model is touched."""
+        checks = [
+            (self.work_dir is not None, "give --work-dir or --output"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more"),
+            (self.num_workers >= 0, "--num-workers must be 0 or more"),
+            (self.max_steps is None or self.epochs is None, "give --max-steps or --epochs, not both"),
+            (
+                (self.max_steps or 1) >= 1 and (self.epochs or 1) >= 1,
+                "--max-steps and --epochs must be positive",
+            ),
+            (0.0 < self.ema_decay < 1.0, "--ema-decay must be between 0 and 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SdcError(message + "; fix the option and run again.")
+
+
+# ---------------------------------------------------------------------------- what each job adds
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to train: adapter type, rank, alpha, dropout, the U-Net target set, and the text encoders."""
+
+    rank: int = field(default=16, metadata=option("--rank", "Adapter rank.", ADAPTER))
+    alpha: float | None = field(  # None: alpha = rank (scale 1)
+        default=None, metadata=option("--alpha", "Adapter alpha (default: the rank).", ADAPTER)
+    )
+    dropout: float = field(default=0.0, metadata=option("--dropout", "Adapter dropout.", ADAPTER))
+    targets: TargetSet = field(
+        default=TargetSet.ATTENTION,
+        metadata=option(
+            "--targets",
+            f"U-Net modules: {', '.join(TargetSet)} (all adds convs).",
+            ADAPTER,
+            choices=TargetSet,
+        ),
+    )
+    type: AdapterType = field(
+        default=AdapterType.LORA,
+        metadata=option("--type", f"Adapter type: {', '.join(AdapterType)}.", ADAPTER, choices=AdapterType),
+    )
+    text_encoder: bool = field(
+        default=False, metadata=option("--text-encoder", "Also adapt the text encoder(s).", ADAPTER)
+    )
+
+    def __post_init__(self) -> None:
+        coerce_choices(self)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise SdcError(f"--rank must be at least 1, got {self.rank}; pass a positive rank such as 16.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SdcError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise SdcError(f"--alpha must be positive, got {self.alpha}.")
+
+
+@dataclass(frozen=True)
+class DreamBooth:
+    """DreamBooth options: every instance caption becomes `instance_prompt`; class images add a prior term.
+
+    Prior preservation is on with `class_data` or `class_prompt`. With a class
+    prompt, the class folder (default `OUTPUT.class-images/`) is filled up to
+    `num_class_images` (default 100) by the base model before training.
+    """
+
+    instance_prompt: str | None = field(
+        default=None, metadata=option("--instance-prompt", "Caption for every training image.", DREAMBOOTH)
+    )
+    class_data: Path | None = field(
+        default=None,
+        metadata=option(
+            "--class-data",
+            "Folder of class images (prior preservation); default with --class-prompt: OUTPUT.class-images.",
+            DREAMBOOTH,
+        ),
+    )
+    class_prompt: str | None = field(
+        default=None,
+        metadata=option(
+            "--class-prompt",
+            "Caption for every class image; missing class images are generated from it by the base model.",
+            DREAMBOOTH,
+        ),
+    )
+    num_class_images: int | None = field(
+        default=None,
+        metadata=option(
+            "--num-class-images",
+            "Class images wanted; the base model makes the missing ones (default 100).",
+            DREAMBOOTH,
+        ),
+    )
+    class_inference_steps: int = field(
+        default=30,
+        metadata=option("--class-inference-steps", "Inference steps per generated class image.", DREAMBOOTH),
+    )
+
+    prior_loss_weight: float = field(
+        default=1.0, metadata=option("--prior-loss-weight", "Weight of the class (prior) loss.", DREAMBOOTH)
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.class_data is not None or self.class_prompt is not None
+
+    def class_folder(self, output: Path) -> Path:
+        return (
+            Path(self.class_data)
+            if self.class_data is not None
+            else output.with_name(output.name + ".class-images")
+        )
+
+
+@dataclass(frozen=True)
+class DistillWeights:
+    """Weights of the three terms; BK-SDM's recipe is 1/1/1, Segmind's distill-sd 1/0.5/0.5."""
+
+    task: float = field(
+        default=1.0, metadata=option("--task-weight", "Weight of the diffusion loss.", DISTILLATION)
+    )
+    output: float = field(
+        default=1.0,
+        metadata=option("--output-weight", "Weight of MSE(student, teacher output).", DISTILLATION),
+    )
+    features: float = field(
+        default=1.0, metadata=option("--feature-weight", "Weight of the feature MSEs.", DISTILLATION)
+    )
