@@ -18,8 +18,8 @@ import datetime
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from sdcompress.checkpoint.safetensors_io import SafetensorsFile, write_safetens
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.merge_math import lora_delta
-from sdcompress.lowrank.targets import COMPONENTS, UNET, Naming, Target
+from sdcompress.lowrank.targets import COMPONENTS, TE, TE2, UNET, Naming, Target, is_conv_kernel
 
 KOHYA = "kohya"
 PEFT = "peft"
@@ -353,17 +353,34 @@ def kohya_metadata(
     alpha: float,
     prediction_type: str,
     resolution: int,
+    conv_alpha: float | None = None,
 ) -> dict[str, str]:
-    """`ss_*` and `modelspec.*` keys; `family` is an `arch.families.Family`."""
-    args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}
-    arch = getattr(family, "modelspec_architecture", "stable-diffusion-v1")
+    """`ss_*` and `modelspec.*` keys; `family` is an `arch.families.Family`.
+
+    The network keys here are the declared ones; `write_lora` replaces them by
+    what the written modules carry (a clamped or dynamic rank, one alpha).
+    """
+    conv_args = (
+        {"conv_dim": str(conv_rank), "conv_alpha": _num(conv_rank if conv_alpha is None else conv_alpha)}
+        if conv_rank
+        else {}
+    )
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": _num(alpha),
-        "ss_network_args": json.dumps(args),
-        "ss_base_model_version": getattr(family, "base_model_version", "sd_v1"),
-        "ss_v2": str(getattr(family, "base_model_version", "").startswith("sd_v2")),
+        "ss_network_args": json.dumps(conv_args),
+        **family_metadata(family, title=title, prediction_type=prediction_type, resolution=resolution),
+    }
+
+
+def family_metadata(family: object, *, title: str, prediction_type: str, resolution: int) -> dict[str, str]:
+    """The keys loaders read to tell a LoRA's model family (A1111 hides an SDXL LoRA labelled SD 1 on SDXL)."""
+    arch = getattr(family, "modelspec_architecture", "stable-diffusion-v1")
+    version = getattr(family, "base_model_version", "sd_v1")
+    return {
+        "ss_base_model_version": version,
+        "ss_v2": str(version.startswith("sd_v2")),
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{arch}/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
@@ -374,6 +391,46 @@ def kohya_metadata(
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": prediction_type,
     }
+
+
+# Keys that describe one file, not the model family or the training: never carried to a derived file.
+_PER_FILE_KEYS = (
+    "sshs_model_hash",
+    "sshs_legacy_hash",
+    "modelspec.hash_sha256",
+    "modelspec.title",
+    "modelspec.date",
+)
+
+
+def derived_metadata(
+    sources: Sequence[Mapping[str, str]], *, title: str, family: object, prediction_type: str | None = None
+) -> dict[str, str]:
+    """Metadata of a LoRA made from other LoRAs (merge, resize, layout conversion).
+
+    As kohya's resize does, the sources' `ss_*` / `modelspec.*` keys are kept
+    (those every source agrees on, when there are several); family keys the
+    sources lack (a PEFT file has none) come from `family`, so A1111 and
+    ComfyUI still see which model the LoRA is for. `write_lora` sets the
+    network keys (dim, alpha, conv args) from the modules it writes.
+    """
+    kept: dict[str, str] | None = None
+    for meta in sources:
+        mine = {
+            k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec.")) and k not in _PER_FILE_KEYS
+        }
+        kept = mine if kept is None else {k: v for k, v in kept.items() if mine.get(k) == v}
+    kept = kept or {}
+    resolution = getattr(family, "resolution", 512)
+    fallback = family_metadata(
+        family,
+        title=title,
+        prediction_type=prediction_type or getattr(family, "prediction_type", "epsilon"),
+        resolution=resolution,
+    )
+    out = {"ss_network_module": "networks.lora", **fallback, **kept}
+    out["modelspec.title"], out["modelspec.date"] = title, datetime.date.today().isoformat()
+    return out
 
 
 def _num(x: float) -> str:
@@ -394,6 +451,86 @@ def data_hash(sd: Mapping[str, LazyTensor]) -> str:
     return h.hexdigest()
 
 
+def one_alpha(modules: list[LoraModule]) -> list[LoraModule]:
+    """The same update with one alpha for every module: each module's alpha / common is folded into `up`.
+
+    diffusers (0.42) turns per-module kohya alphas into a PEFT `alpha_pattern`
+    whose keys name no module, so every module whose alpha differs from the
+    most common one is scaled wrongly; with one alpha there is no pattern, and
+    kohya, A1111, ComfyUI and diffusers all compute up @ down * alpha / rank alike.
+    """
+    counts: dict[float, int] = {}
+    for m in modules:
+        counts[m.alpha] = counts.get(m.alpha, 0) + 1
+    if len(counts) <= 1:
+        return modules
+    common = max(counts, key=lambda a: (counts[a], a))
+    return [
+        m if m.alpha == common else replace(m, up=m.up.float() * (m.alpha / common), alpha=common)
+        for m in modules
+    ]
+
+
+def network_metadata(modules: list[LoraModule], metadata: Mapping[str, str]) -> dict[str, str]:
+    """`ss_network_dim` / `_alpha` and the conv args of `ss_network_args`, as the written modules carry them.
+
+    One rank for all: that rank; ranks that vary: "Dynamic", as kohya's dynamic resize writes.
+    """
+
+    def one(values: set) -> str:
+        return _num(values.pop()) if len(values) == 1 else "Dynamic"
+
+    linear = [m for m in modules if not is_conv_kernel(tuple(m.down.shape))]
+    conv = [m for m in modules if is_conv_kernel(tuple(m.down.shape))]
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        args = {}
+    args = {
+        k: v
+        for k, v in (args if isinstance(args, dict) else {}).items()
+        if k not in ("conv_dim", "conv_alpha")
+    }
+    if conv:
+        args |= {"conv_dim": one({m.rank for m in conv}), "conv_alpha": one({m.alpha for m in conv})}
+    main = linear or conv
+    return {
+        "ss_network_dim": one({m.rank for m in main}),
+        "ss_network_alpha": one({m.alpha for m in main}),
+        "ss_network_args": json.dumps(args),
+    }
+
+
+_TE_QKV_RX = re.compile(r"\.self_attn\.[qkv]_proj$")
+
+
+def with_out_proj_anchors(modules: list[LoraModule], naming: Naming) -> list[LoraModule]:
+    """Add a zero `self_attn.out_proj` module to each text encoder whose attention LoRA has none.
+
+    diffusers (0.42) guesses the layout of a kohya text-encoder LoRA from the
+    presence of an `out_proj` module (its `to_out_lora` name). Without one, the
+    q/k/v modules are dropped silently when an MLP module is present, and the
+    load fails ("Could not automatically infer state dict type") when none is.
+    An extraction leaves unchanged layers out, so this happens whenever a
+    fine-tune did not touch out_proj. A zero update changes nothing in any
+    loader and makes diffusers place every module.
+    """
+    extra = []
+    for component in (TE, TE2):
+        mods = [m for m in modules if m.target.component == component]
+        if any(m.target.path.endswith(".self_attn.out_proj") for m in mods):
+            continue
+        qkv = next((m for m in mods if _TE_QKV_RX.search(m.target.path)), None)
+        if qkv is None:
+            continue
+        target = Target(component, _TE_QKV_RX.sub(".self_attn.out_proj", qkv.target.path))
+        if target.path in naming.modules.get(component, ()):  # q/k/v and out_proj share their shape
+            extra.append(
+                replace(qkv, target=target, up=torch.zeros_like(qkv.up), down=torch.zeros_like(qkv.down))
+            )
+    return modules + extra
+
+
 def write_lora(
     path: str | Path,
     modules: list[LoraModule],
@@ -405,10 +542,15 @@ def write_lora(
     overwrite: bool = False,
     on_tensor: Callable[[str, LazyTensor], None] | None = None,
 ) -> int:
-    """Write `modules` in layout `fmt`; returns the file size in bytes."""
+    """Write `modules` in layout `fmt`; returns the file size in bytes.
+
+    kohya files get one alpha (`one_alpha`), network metadata computed from
+    the modules, and out_proj anchors for diffusers (`with_out_proj_anchors`).
+    """
     if fmt == KOHYA:
-        sd = kohya_state_dict(modules, naming, dtype)
-        meta = dict(metadata or {})
+        modules = one_alpha(modules)
+        meta = {**(metadata or {}), **network_metadata(modules, metadata or {})}
+        sd = kohya_state_dict(with_out_proj_anchors(modules, naming), naming, dtype)
         meta["sshs_model_hash"] = data_hash(sd)
     elif fmt == PEFT:
         sd, meta = peft_state_dict(modules, naming, dtype)
