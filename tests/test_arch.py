@@ -78,7 +78,7 @@ def test_inexpressible_mid_depth_is_an_error():
     ("preset", "teacher"), [("ssd-1b", "sdxl"), ("bk-tiny", "sd2"), ("koala-700m", "sdxl")]
 )
 def test_info_prints_the_reference_count(cli, preset, teacher):
-    r = cli("info", preset, "--arch", "--teacher", teacher, "--json")
+    r = cli("info", preset, "--arch", "--family", teacher, "--json")
     assert r.code == 0, r
     data = json.loads(r.stdout)
     assert data["parameters"]["unet"] == PRESETS[preset, teacher][0]

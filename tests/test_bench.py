@@ -121,7 +121,7 @@ def test_inputs_fit_full_size_layouts(name):
         (("tiny-sd", "--steps", "0"), "--steps"),
         (("not-a-layout", "--random-weights"), "neither a family nor a preset"),
         (("tiny-sd", "--device", "cuda"), "no CUDA GPU"),
-        (("tiny-sd", "bk-small", "--random-weights", "--teacher", "sdxl"), "applies to"),
+        (("tiny-sd", "bk-small", "--random-weights", "--family", "sdxl"), "applies to"),
     ],
 )
 def test_bad_input(cli, args, message):

@@ -176,3 +176,14 @@ def test_allow_pickle_is_honoured_for_a_diffusers_folder_with_bin_weights(cli, t
     assert cli("convert", folder, "-o", out).code == 2 and not out.exists()
     r = cli("convert", folder, "-o", out, "--allow-pickle")
     assert r.code == 0, r
+
+
+def test_info_family_is_the_new_name_of_teacher(cli):
+    import json
+
+    new = cli("info", "bk-tiny", "--arch", "--family", "sd2", "--json")
+    old = cli("info", "bk-tiny", "--arch", "--teacher", "sd2", "--json")
+    assert new.code == 0 and old.code == 0, (new, old)
+    assert json.loads(new.stdout) == json.loads(old.stdout)
+    assert json.loads(new.stdout)["family"] == "sd2"
+    assert "--teacher is deprecated" in old.stderr and "deprecated" not in new.stderr

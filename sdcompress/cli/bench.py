@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from sdcompress.cli._options import AllowPickle, Device, Json, Overwrite
+from sdcompress.choices import DType
+from sdcompress.cli._options import DTYPE_METAVAR, AllowPickle, Device, Json, Overwrite, renamed
 from sdcompress.cli._output import emit_json, human_bytes, human_count, note, success, table
 from sdcompress.errors import SdcError
 from sdcompress.services.bench import BenchRequest, BenchResult, plot
@@ -87,7 +88,13 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before timing.")] = 2,
     device: Device = "auto",
     dtype: Annotated[
-        str | None, typer.Option("--dtype", help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")
+        DType | None,
+        typer.Option(
+            "--dtype",
+            parser=DType.cli,
+            metavar=DTYPE_METAVAR,
+            help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).",
+        ),
     ] = None,
     cfg: Annotated[
         bool,
@@ -101,11 +108,14 @@ def bench(
             "--random-weights", help="Measure architectures (family or preset names) without weights."
         ),
     ] = False,
-    teacher: Annotated[
+    family: Annotated[
         str | None,
         typer.Option(
-            "--teacher", help="With --random-weights: the family presets apply to (e.g. sd2, tiny-sd)."
+            "--family", help="With --random-weights: the family presets apply to (e.g. sd2, tiny-sd)."
         ),
+    ] = None,
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", hidden=True, help="Deprecated name of --family.")
     ] = None,
     plot_path: Annotated[
         str | None, typer.Option("--plot", help="Also draw a bar chart of steps/s to this PNG file.")
@@ -129,7 +139,7 @@ def bench(
         dtype=dtype,
         cfg=cfg,
         random_weights=random_weights,
-        teacher=teacher,
+        family=renamed(family, teacher, new="--family", old="--teacher"),
         allow_pickle=allow_pickle,
     )
     result = run_bench(req, on_progress=None if json_ else note)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sdcompress.cli._options import AllowPickle, Json
+from sdcompress.cli._options import AllowPickle, Json, renamed
 from sdcompress.cli._output import emit_json, human_bytes, human_count, note, out, table
 from sdcompress.services.info import info as run_info
 
@@ -25,14 +25,19 @@ def info(
             help="Treat MODEL as a family (sd1, sd2, sdxl, ...) or preset (ssd-1b, bk-tiny, ...) built on the meta device.",
         ),
     ] = False,
+    family: Annotated[
+        str | None,
+        typer.Option("--family", help="With --arch and a preset: the family it is applied to (e.g. sd2)."),
+    ] = None,
     teacher: Annotated[
-        str | None, typer.Option("--teacher", help="With --arch and a preset: the teacher family (e.g. sd2).")
+        str | None, typer.Option("--teacher", hidden=True, help="Deprecated name of --family.")
     ] = None,
     json_: Json = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Show a model's format, family or preset, dtypes, parameter counts per component and stage, and size."""
-    result = run_info(model, arch=arch, teacher=teacher, allow_pickle=allow_pickle)
+    family = renamed(family, teacher, new="--family", old="--teacher")
+    result = run_info(model, arch=arch, family=family, allow_pickle=allow_pickle)
     if json_:
         emit_json(result.to_dict())
         return

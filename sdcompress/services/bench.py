@@ -50,7 +50,7 @@ class BenchRequest:
     dtype: str | None = None
     cfg: bool = True
     random_weights: bool = False
-    teacher: str | None = None  # with random_weights: the family presets are applied to
+    family: str | None = None  # with random_weights: the family presets are applied to
     allow_pickle: bool = False
     seed: int = 0
 
@@ -159,7 +159,7 @@ def random_unet(config: Config, device: torch.device, dtype: torch.dtype, seed: 
     return unet.eval()
 
 
-def _arch_subject(name: str, teacher: str | None, seed: int) -> _Subject:
+def _arch_subject(name: str, family_name: str | None, seed: int) -> _Subject:
     """A family or preset name, measured with random weights."""
     if name.lower() in FAMILIES or name.lower() in ("sd15", "sd1.5", "sd21", "sd2.1", "sd2-base"):
         family = get_family(name)
@@ -172,7 +172,7 @@ def _arch_subject(name: str, teacher: str | None, seed: int) -> _Subject:
                 f"{name!r} is neither a family nor a preset; with --random-weights use one of "
                 f"{', '.join(FAMILIES)}, {', '.join(PRESETS)}."
             ) from None
-        family = get_family(teacher or preset_obj.topologies[0])
+        family = get_family(family_name or preset_obj.topologies[0])
         config, preset = preset_for_family(name, family).student_config(family.unet), preset_obj.name
     configs = {t.component: t.config for t in family.text_encoders}
     return _Subject(
@@ -204,11 +204,11 @@ def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
     )
 
 
-def _teacher_for(name: str, req: BenchRequest) -> str | None:
-    """With random weights, presets apply to --teacher, else to the first model when it is a fitting family
+def _family_for(name: str, req: BenchRequest) -> str | None:
+    """With random weights, presets apply to --family, else to the first model when it is a fitting family
     (`bench tiny-sd bk-small --random-weights`), else to the preset's own teacher family."""
-    if req.teacher:
-        return req.teacher
+    if req.family:
+        return req.family
     first = req.models[0].lower()
     if first not in FAMILIES or name.lower() == first or name.lower() not in PRESETS:
         return None
@@ -217,7 +217,7 @@ def _teacher_for(name: str, req: BenchRequest) -> str | None:
 
 def _subjects(req: BenchRequest) -> list[_Subject]:
     if req.random_weights:
-        return [_arch_subject(name, _teacher_for(name, req), req.seed) for name in req.models]
+        return [_arch_subject(name, _family_for(name, req), req.seed) for name in req.models]
     return [_model_subject(ref, req.allow_pickle) for ref in req.models]
 
 

@@ -54,23 +54,26 @@ def model_info(model: Model) -> InfoResult:
     )
 
 
-def architecture_info(name: str, teacher: str | None = None) -> InfoResult:
-    """A family or preset built at full size on the meta device: counts without any weights."""
+def architecture_info(name: str, family: str | None = None) -> InfoResult:
+    """A family or preset built at full size on the meta device: counts without any weights.
+
+    `family` is the family a preset is applied to (default: the first one it was published for).
+    """
     try:
-        family = get_family(name)
-        config, preset = dict(family.unet), None
+        fam = get_family(name)
+        config, preset = dict(fam.unet), None
     except SdcError:
         preset_obj = get_preset(name)
-        family = get_family(teacher or preset_obj.topologies[0])
-        config, preset = preset_for_family(name, family).student_config(family.unet), preset_obj.name
+        fam = get_family(family or preset_obj.topologies[0])
+        config, preset = preset_for_family(name, fam).student_config(fam.unet), preset_obj.name
     sd = meta_state_dict(meta_unet(config))
     return InfoResult(
         ref=name,
         format="architecture",
-        family=family.name,
-        family_title=family.title,
+        family=fam.name,
+        family_title=fam.title,
         preset=preset,
-        prediction_type=family.prediction_type,
+        prediction_type=fam.prediction_type,
         dtypes={"unet": "float32"},
         parameters={"unet": count_state_dict(sd)},
         unet_stages=count_by_stage(sd),
@@ -81,8 +84,8 @@ def architecture_info(name: str, teacher: str | None = None) -> InfoResult:
 
 
 def info(
-    ref: str, *, arch: bool = False, teacher: str | None = None, allow_pickle: bool = False
+    ref: str, *, arch: bool = False, family: str | None = None, allow_pickle: bool = False
 ) -> InfoResult:
     if arch:
-        return architecture_info(ref, teacher)
+        return architecture_info(ref, family)
     return model_info(load_model(os.fspath(ref), allow_pickle=allow_pickle))
