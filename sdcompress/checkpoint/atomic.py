@@ -230,13 +230,22 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in _DISK_FULL
 
 
-def disk_full_error(path: PathLike, needed: int | None = None) -> SdcError:
-    """The one sentence for ENOSPC/EDQUOT while writing `path`."""
+class DiskFullError(SdcError):
+    """The output's filesystem filled up; `needed` is the output's size when it was known."""
+
+    def __init__(self, message: str, needed: int | None = None):
+        super().__init__(message)
+        self.needed = needed
+
+
+def disk_full_error(path: PathLike, needed: int | None = None) -> DiskFullError:
+    """The one sentence for ENOSPC/EDQUOT while writing `path` (the old output, if any, is untouched)."""
     mount = mount_point(Path(path))
     need = f"; it needs {_human(needed)} ({needed} bytes)" if needed else ""
-    return SdcError(
+    return DiskFullError(
         f"the filesystem mounted at {mount} ran out of space while writing {path}{need}; "
-        "free some space or choose another output path."
+        "free some space or choose another output path.",
+        needed,
     )
 
 
@@ -303,9 +312,16 @@ def _target(path: PathLike, overwrite: bool | Overwrite, kind: Kind, size: int |
 
 
 @contextlib.contextmanager
-def _disk_full_as_error(target: Path, size: int | None) -> Iterator[None]:
+def disk_full_as_error(target: Path, size: int | None = None) -> Iterator[None]:
+    """ENOSPC/EDQUOT inside the block become `disk_full_error(target, size)`.
+
+    A nested writer's error (a weight file inside a folder being written) is renamed to the
+    outer output, the one the user named, keeping the size it knew when this one does not.
+    """
     try:
         yield
+    except DiskFullError as e:
+        raise disk_full_error(target, size or e.needed) from None
     except OSError as e:
         if is_disk_full(e):
             raise disk_full_error(target, size) from None
@@ -324,7 +340,7 @@ def atomic_file(
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)
     try:
-        with _disk_full_as_error(target, size):
+        with disk_full_as_error(target, size):
             yield Path(tmp)
         apply_umask(Path(tmp), like=target if os.path.lexists(target) else None)
         check_output(target, overwrite=overwrite, kind="file")  # the state may have changed meanwhile
@@ -347,7 +363,7 @@ def atomic_dir(
     target = _target(path, overwrite, "dir", size)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        with _disk_full_as_error(target, size):
+        with disk_full_as_error(target, size):
             yield tmp
             write_manifest(tmp)
         exists = os.path.lexists(target)
@@ -382,7 +398,7 @@ def replacing_dir(path: PathLike, *, overwrite: bool | Overwrite = False) -> Ite
         os.replace(target, old)
     try:
         target.mkdir()
-        with _disk_full_as_error(target, None):
+        with disk_full_as_error(target, None):
             yield target
             write_manifest(target)
         apply_umask(target, like=old)
