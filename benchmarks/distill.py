@@ -12,6 +12,11 @@ encoder run separately for each U-Net, no accelerate.
         --resolution 512 --mixed-precision fp16 --gradient-checkpointing        # GPU, full size
 
 Figures go to stdout as a table (and --json).
+
+Disk: next to none. The tiny models live in the sdcompress cache ($SDCOMPRESS_CACHE,
+default ~/.cache/sdcompress, 160 MB); --random-weights builds the full-size models in
+memory (no files); each run's images and outputs go to a temporary folder removed at
+the end (a few MB).
 """
 
 from __future__ import annotations

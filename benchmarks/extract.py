@@ -6,9 +6,14 @@ its own child process and prints wall time, peak RSS (of that child) and the
 total squared Frobenius error of the rank-32 (+ conv rank 32) factors over
 the same layers. Run by hand:
 
-    .venv/bin/python benchmarks/extract.py --workdir /tmp/sdc-bench            # all three
-    .venv/bin/python benchmarks/extract.py --workdir /tmp/sdc-bench --skip lycoris
+    .venv/bin/python benchmarks/extract.py                  # all three
+    .venv/bin/python benchmarks/extract.py --skip lycoris
     .venv/bin/python benchmarks/extract.py --subset   # six SD 1.5 layer shapes, one process
+
+Disk: the generated pair (two fp16 SD 1.5 U-Nets, 3.4 GB) is kept in --workdir, by
+default in the sdcompress cache ($SDCOMPRESS_CACHE/random/extract-bench, default
+~/.cache/sdcompress), and reused by the next run; the three LoRA files beside it are
+about 0.3 GB. Delete the folder to free it. --subset needs no disk.
 """
 
 from __future__ import annotations
@@ -188,8 +193,10 @@ METHODS = {"sdcompress": run_sdcompress, "exact": run_exact, "lycoris": run_lyco
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--workdir", default="/tmp/sdc-bench")
+    from sdcompress.testing import random_cache_dir
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=str(random_cache_dir() / "extract-bench"))
     p.add_argument("--family", default="sd1")
     p.add_argument("--skip", action="append", default=[])
     p.add_argument("--run", help=argparse.SUPPRESS)

@@ -17,8 +17,14 @@ MSE on epsilon, no accelerate.
         --mixed-precision fp16 --gradient-checkpointing       # GPU: SDXL size, random weights
 
 With --random-weights, --model names a family (sd1, sd2, sdxl); its full-size
-configs get seeded random weights, written once as an fp16 diffusers folder
-that both variants load. Figures go to stdout as a table (and --json).
+configs get seeded random weights, an fp16 diffusers folder that both variants
+load, taken from the sdcompress cache (written on first use and kept).
+Figures go to stdout as a table (and --json).
+
+Disk: with --random-weights the model stays in $SDCOMPRESS_CACHE/random (default
+~/.cache/sdcompress/random; SD 1.5 2.1 GB, SDXL 6.9 GB; delete the folder to free
+it). Each run's images and adapter files go to a temporary folder, removed at the
+end (tens of MB). Without it: the tiny models only (160 MB, also in the cache).
 """
 
 from __future__ import annotations
@@ -172,16 +178,6 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def _random_weights_folder(family: str, root: Path) -> str:
-    """A family's full-size configs with seeded random weights, as an fp16 diffusers folder."""
-    from sdcompress.checkpoint.tiny import tiny_model
-    from sdcompress.checkpoint.writers import save_diffusers
-
-    path = root / family
-    save_diffusers(tiny_model(family), path, dtype=torch.float16)
-    return str(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -207,24 +203,25 @@ def main() -> None:
         child(args)
         return
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.model or ["tiny-sd", "tiny-sdxl"]:
-            ref = _random_weights_folder(name, Path(tmp)) if args.random_weights else name
-            row = {"model": name}
-            for variant in ("plain", "ours"):
-                cmd = [sys.executable, __file__, "--variant", variant, "--ref", ref, "--device", args.device]
-                cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank)]
-                cmd += ["--batch-size", str(args.batch_size), "--resolution", str(args.resolution)]
-                cmd += ["--lr", str(args.lr), "--mixed-precision", args.mixed_precision]
-                cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    raise SystemExit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
-                row[variant] = json.loads(line[len("RESULT ") :])
-            if row["plain"]["adapted"] != row["ours"]["adapted"]:
-                raise SystemExit(f"{name}: the variants adapted different modules: {row}")
-            rows.append(row)
+    from sdcompress.testing import cached_random_model
+
+    for name in args.model or ["tiny-sd", "tiny-sdxl"]:
+        ref = str(cached_random_model(name, "diffusers")) if args.random_weights else name
+        row = {"model": name}
+        for variant in ("plain", "ours"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--ref", ref, "--device", args.device]
+            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank)]
+            cmd += ["--batch-size", str(args.batch_size), "--resolution", str(args.resolution)]
+            cmd += ["--lr", str(args.lr), "--mixed-precision", args.mixed_precision]
+            cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
+            row[variant] = json.loads(line[len("RESULT ") :])
+        if row["plain"]["adapted"] != row["ours"]["adapted"]:
+            raise SystemExit(f"{name}: the variants adapted different modules: {row}")
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

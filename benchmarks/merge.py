@@ -1,12 +1,16 @@
 """Checkpoint merges: sdcompress vs sd-mecha on full-size SD 1.5 single files.
 
-Generates three random fp16 SD 1.5-shaped single files (A, B, C), then in
-separate child processes runs weighted sum (alpha 0.3) and add difference
+Takes three random fp16 SD 1.5-shaped single files (A, B, C) from the
+sdcompress cache (written on first use and kept), then in separate child processes runs weighted sum (alpha 0.3) and add difference
 (alpha 0.5) with sdcompress and with sd-mecha, and prints wall time and peak
 RSS side by side. Each output is then checked elementwise against a plain
 torch computation, tensor by tensor. Run by hand:
 
     .venv/bin/python benchmarks/merge.py --workdir /tmp/sdc-merge-bench
+
+Disk: the inputs stay in $SDCOMPRESS_CACHE/random (default ~/.cache/sdcompress/random,
+3 x 2.1 GB; delete the folder to free them); the four merged files (2.1 GB each) go to
+--workdir, so it needs about 9 GB free; delete it after reading the figures.
 """
 
 from __future__ import annotations
@@ -17,49 +21,20 @@ import os
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import torch
 
 
-def _generate(work: Path) -> list[Path]:
-    from sdcompress.arch.families import get_family
-    from sdcompress.checkpoint.instantiate import module_from_config
-    from sdcompress.checkpoint.model import Model
-    from sdcompress.checkpoint.tensors import LazyTensor
-    from sdcompress.checkpoint.writers import save_single_file
+def _inputs() -> list[Path]:
+    """A, B and C: random fp16 SD 1.5 single files from the sdcompress cache (written on first use)."""
+    from sdcompress.testing import cached_random_model
 
-    fam = get_family("sd1")
-    specs = {"unet": fam.unet, "vae": fam.vae, "text_encoder": fam.text_encoders[0].config}
-    shapes = {
-        c: {k: tuple(v.shape) for k, v in module_from_config(c, cfg).state_dict().items()}
-        for c, cfg in specs.items()
-    }
-    out = []
-    for i, name in enumerate("ABC"):
-        path = work / f"{name}.safetensors"
-        out.append(path)
-        if path.is_file():
-            continue
-
-        def make(key: str, shape: tuple[int, ...], i: int = i) -> torch.Tensor:
-            g = torch.Generator().manual_seed(zlib.crc32(key.encode()) + i)
-            return (torch.randn(shape, generator=g) * 0.02).half()
-
-        comps = {}
-        for c, sh in shapes.items():
-            if c == "text_encoder":
-                sh = {("text_model." + k if not k.startswith("text_model.") else k): s for k, s in sh.items()}
-                sh = {k: s for k, s in sh.items() if not k.endswith("position_ids")}
-            comps[c] = {k: LazyTensor(s, torch.float16, lambda k=k, s=s: make(k, s)) for k, s in sh.items()}
-        configs = {**{c: dict(cfg) for c, cfg in specs.items()}, "scheduler": dict(fam.scheduler)}
-        save_single_file(Model(name, None, "single-file", fam, comps, configs), path)
-    return out
+    return [cached_random_model("sd1", "single-file", seed=seed) for seed in range(3)]
 
 
 def run(method: str, tool: str, work: Path) -> dict:
-    a, b, c = (str(work / f"{n}.safetensors") for n in "ABC")
+    a, b, c = map(str, _inputs())
     out = work / f"{tool}-{method}.safetensors"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
@@ -86,7 +61,7 @@ def check(method: str, tool: str, work: Path) -> float:
     """Max |out - plain torch| over every tensor both files share (read one tensor at a time)."""
     from sdcompress.checkpoint.safetensors_io import read_state_dict
 
-    a, b, c = (read_state_dict(work / f"{n}.safetensors") for n in "ABC")
+    a, b, c = map(read_state_dict, _inputs())
     out = read_state_dict(work / f"{tool}-{method}.safetensors")
     worst = 0.0
     for k, lt in out.items():
@@ -99,7 +74,7 @@ def check(method: str, tool: str, work: Path) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/sdc-merge-bench")
     p.add_argument("--run", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -109,8 +84,8 @@ def main() -> None:
         print(json.dumps(run(args.run[0], args.run[1], work)))
         return
     t0 = time.perf_counter()
-    _generate(work)
-    print(f"inputs ready in {time.perf_counter() - t0:.1f} s at {work}", flush=True)
+    inputs = _inputs()
+    print(f"inputs ready in {time.perf_counter() - t0:.1f} s at {inputs[0].parent}", flush=True)
     print(f"\n{'merge':<16}{'tool':<12}{'seconds':>9}{'peak RSS GiB':>14}{'max |err| vs torch':>20}")
     for method in ("weighted-sum", "add-difference"):
         for tool in ("sdcompress", "sd-mecha"):

@@ -2,13 +2,18 @@
 
     python benchmarks/prune.py --workdir /tmp/prune-bench [--calibration-size 256 --calibration-samples 2]
 
-Generates an SDXL pipeline with random fp16 weights (written tensor by tensor
-with the project's writer, so the generator stays small), then runs two
+Takes an SDXL pipeline with random fp16 weights from the sdcompress cache
+(written on first use, tensor by tensor, and kept for the next run), then runs two
 prunes, each in a child process whose peak RSS is read from the OS:
 `--preset ssd-1b --select uniform` (nothing to score: must stream, target <= 1 GiB) and
 `--drop-transformer-blocks 40` with importance scoring (target <= 1.25x the
 teacher U-Net's size). Also `selection`: importance vs uniform vs last
 student-vs-teacher MSE at initialisation on the tiny teachers.
+
+Disk: the teacher stays in $SDCOMPRESS_CACHE/random (default ~/.cache/sdcompress/random,
+6.9 GB; delete the folder to free it); the two students (about 5 GB each) go to --workdir,
+so it needs about 10 GB free; delete it after reading the figures. `selection` needs no disk
+beyond the tiny models (160 MB, also in the cache).
 """
 
 from __future__ import annotations
@@ -23,45 +28,6 @@ import time
 from pathlib import Path
 
 GIB = 1024**3
-
-
-def _random_sd(component: str, config: dict, seed: int):
-    """Lazy random tensors: each is generated only when the writer asks for it."""
-    import torch
-
-    from sdcompress.checkpoint.instantiate import module_from_config
-    from sdcompress.checkpoint.keymap import text as text_map
-    from sdcompress.checkpoint.tensors import LazyTensor
-
-    sd = {}
-    for i, (key, t) in enumerate(module_from_config(component, config).state_dict().items()):
-        if key.endswith("position_ids"):
-            continue
-
-        def make(key=key, shape=tuple(t.shape), i=i):
-            gen = torch.Generator().manual_seed(seed * 100_000 + i)
-            if key.endswith("weight") and "norm" in key:
-                return torch.ones(shape, dtype=torch.float16)
-            if key.endswith("bias") or len(shape) < 2:
-                return torch.zeros(shape, dtype=torch.float16)
-            fan_in = max(1, int(torch.tensor(shape[1:]).prod()))
-            return (torch.randn(shape, generator=gen) / fan_in**0.5).to(torch.float16)
-
-        sd[key] = LazyTensor(tuple(t.shape), torch.float16, make)
-    return text_map.clip_to_diffusers(sd) if component.startswith("text") else sd
-
-
-def make_teacher(path: Path) -> None:
-    from sdcompress.arch.families import get_family
-    from sdcompress.checkpoint.model import Model
-    from sdcompress.checkpoint.writers import save_diffusers
-
-    fam = get_family("sdxl")
-    parts = [("unet", fam.unet), ("vae", fam.vae)] + [(t.component, t.config) for t in fam.text_encoders]
-    components = {name: _random_sd(name, cfg, seed) for seed, (name, cfg) in enumerate(parts)}
-    configs = {name: dict(cfg) for name, cfg in parts} | {"scheduler": dict(fam.scheduler)}
-    model = Model("random-sdxl", None, "diffusers", fam, components, configs)
-    save_diffusers(model, path)
 
 
 def run_child(args: list[str]) -> tuple[float, int, int, str]:
@@ -87,13 +53,11 @@ def _size(path: Path) -> int:
 
 
 def full_size(workdir: Path, size: int, samples: int) -> None:
-    teacher = workdir / "sdxl-random-fp16"
-    if not (teacher / "model_index.json").is_file():
-        t = time.perf_counter()
-        code = subprocess.call([sys.executable, __file__, "_make", str(teacher)])
-        if code:
-            raise SystemExit(code)
-        print(f"generated teacher in {time.perf_counter() - t:.0f} s")
+    from sdcompress.testing import cached_random_model
+
+    t = time.perf_counter()
+    teacher = cached_random_model("sdxl", "diffusers")  # made once, kept in the cache
+    print(f"teacher ready in {time.perf_counter() - t:.0f} s: {teacher}")
     unet_bytes = _size(teacher / "unet")
     print(f"teacher: {_size(teacher) / GIB:.2f} GiB on disk, U-Net {unet_bytes / GIB:.2f} GiB")
     runs = [
@@ -184,9 +148,6 @@ def selection() -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_make":
-        make_teacher(Path(sys.argv[2]))
-        return
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child(json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5])
         return

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
+import zlib
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.tensors import LazyTensor
 from sdcompress.checkpoint.tiny import cache_dir
 
-RANDOM_VERSION = 1
+RANDOM_VERSION = 1  # bump when the weights drawn for a name change
 FORMATS = ("single-file", "diffusers")
 
 
@@ -31,31 +34,46 @@ def random_cache_dir() -> Path:
     return cache_dir() / "random"
 
 
+def _draw(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """One tensor, seeded by its name: the same bytes whatever order (or how often) it is drawn."""
+    if key.endswith("weight") and "norm" in key:
+        return torch.ones(shape, dtype=dtype)
+    if key.endswith("bias") or len(shape) < 2:
+        return torch.zeros(shape, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(key.encode()))
+    fan_in = math.prod(shape[1:])
+    return (torch.randn(shape, generator=gen) / fan_in**0.5).to(dtype)
+
+
 def random_full_model(family: str, dtype: torch.dtype = torch.float16, seed: int = 0) -> Model:
-    """A full-size pipeline whose weights are drawn tensor by tensor as they are written (low memory)."""
+    """A full-size pipeline whose weights are drawn tensor by tensor as they are written (low memory).
+
+    Norms start at one, biases at zero and weights at 1/sqrt(fan-in), so a forward pass stays
+    finite and benchmarks that run the model (prune's scoring, training) time real arithmetic.
+    """
     from sdcompress.arch.families import get_family
     from sdcompress.checkpoint.instantiate import module_from_config
     from sdcompress.checkpoint.keymap import text as text_map
 
     fam = get_family(family)
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(shape: tuple[int, ...]) -> torch.Tensor:
-        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
-
     parts = [("unet", fam.unet), ("vae", fam.vae)] + [(t.component, t.config) for t in fam.text_encoders]
     components, configs = {}, {"scheduler": dict(fam.scheduler)}
     for name, config in parts:
         module = module_from_config(name, config)  # on the meta device: shapes only
         sd = {
-            k: LazyTensor(tuple(v.shape), dtype, lambda s=tuple(v.shape): draw(s))
+            k: LazyTensor(tuple(v.shape), dtype, partial(_draw, f"{name}.{k}", tuple(v.shape), dtype, seed))
             for k, v in module.state_dict().items()
             if not k.endswith("position_ids")
         }
         components[name] = text_map.clip_to_diffusers(sd) if name.startswith("text") else sd
         configs[name] = dict(config)
     return Model(
-        ref=f"random:{family}", path=None, format="diffusers", family=fam, components=components, configs=configs
+        ref=f"random:{family}",
+        path=None,
+        format="diffusers",
+        family=fam,
+        components=components,
+        configs=configs,
     )
 
 
