@@ -13,7 +13,7 @@ from sdcompress.cli._output import err
 @contextlib.contextmanager
 def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
     if not enabled:
-        yield lambda name, done, total: None
+        yield lambda *_: None
         return
     bar = Progress(
         TextColumn(f"[bold]{label}[/bold]"),

@@ -48,6 +48,12 @@ AllowPickle = Annotated[
     bool,
     typer.Option("--allow-pickle", help="Allow pickled .ckpt/.bin inputs (read with weights_only=True)."),
 ]
+AllowNonfinite = Annotated[
+    bool,
+    typer.Option(
+        "--allow-nonfinite", help="Write NaN/inf values (e.g. an fp16 overflow) instead of refusing them."
+    ),
+]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 DTYPE_METAVAR = "<fp32|fp16|bf16>"
 DType = Annotated[

@@ -108,10 +108,10 @@ class LazyGroup(TyperGroup):
 
     _listing = False
 
-    def list_commands(self, ctx: Any) -> list[str]:
+    def list_commands(self, _ctx: Any) -> list[str]:
         return list(COMMANDS)
 
-    def get_command(self, ctx: Any, name: str) -> Any:
+    def get_command(self, _ctx: Any, name: str) -> Any:
         if name not in COMMANDS:
             return None
         if self._listing:
@@ -153,6 +153,9 @@ def _root(
 ) -> None:
     del version  # handled by its eager callback
     _state["debug"] = debug or os.environ.get("SDCOMPRESS_DEBUG") == "1"
+    from sdcompress.cli import _noise
+
+    _noise.configure(_state["debug"])
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from sdcompress.choices import ConvertFormat, PredictionType
 from sdcompress.choices import DType as DTypeChoice
 from sdcompress.cli._options import (
     DTYPE_METAVAR,
+    AllowNonfinite,
     AllowPickle,
     Device,
     DType,
@@ -63,6 +64,7 @@ def convert(
     overwrite: Overwrite = False,
     overwrite_foreign: OverwriteForeign = False,
     allow_pickle: AllowPickle = False,
+    allow_nonfinite: AllowNonfinite = False,
     json_: Json = False,
 ) -> None:
     """Convert between single-file (A1111/ComfyUI) and diffusers folders, and between LoRA layouts.
@@ -81,6 +83,7 @@ def convert(
         overwrite=overwrite,
         tokenizer=tokenizer,
         allow_pickle=allow_pickle,
+        allow_nonfinite=allow_nonfinite,
         device=device,
         prediction_type=prediction_type,
         format=renamed(format_, to, new="--format", old="--to"),

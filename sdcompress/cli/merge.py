@@ -8,7 +8,15 @@ import typer
 
 from sdcompress.choices import LoraFormat, MergeMethod, resolve_dtype
 from sdcompress.cli._lowrank_progress import progress_bar
-from sdcompress.cli._options import AllowPickle, DType, Json, Output, Overwrite, OverwriteForeign
+from sdcompress.cli._options import (
+    AllowNonfinite,
+    AllowPickle,
+    DType,
+    Json,
+    Output,
+    Overwrite,
+    OverwriteForeign,
+)
 from sdcompress.cli._output import emit_json, note, success
 from sdcompress.lowrank.block_weights import BlockWeights
 from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
@@ -59,6 +67,7 @@ def merge(
     overwrite: Overwrite = False,
     overwrite_foreign: OverwriteForeign = False,
     allow_pickle: AllowPickle = False,
+    allow_nonfinite: AllowNonfinite = False,
 ) -> None:
     """Merge models and LoRAs, tensor by tensor. Output .safetensors: one file; else a diffusers folder."""
     request = MergeRequest(
@@ -75,6 +84,7 @@ def merge(
         dtype=resolve_dtype(dtype),
         overwrite=overwrite,
         allow_pickle=allow_pickle,
+        allow_nonfinite=allow_nonfinite,
     )
     with progress_bar("merging", enabled=not json_) as progress:
         result = run_merge(request, progress)

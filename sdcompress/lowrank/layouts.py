@@ -1,9 +1,11 @@
 """LoRA files: the layouts people share, read into one form and written back out.
 
 Reading accepts kohya (`lora_unet_*`, `lora_te*_`), PEFT / diffusers
-(`unet.<path>.lora_A.weight`), ComfyUI's `diffusion_model.<SGM path>`, and the
-LyCORIS tensors found under kohya names (LoCon `lora_mid`, LoHa `hada_*`,
-LoKr `lokr_*`, full `.diff`). Every module becomes an `Adapter` that knows how
+(`unet.<path>.lora_A.weight`), diffusers' older attention-processor layout
+(`unet.<path>.processor.to_q_lora.down.weight`, which diffusers still loads),
+ComfyUI's `diffusion_model.<SGM path>`, and the LyCORIS tensors found under
+kohya names (LoCon `lora_mid`, LoHa `hada_*`, LoKr `lokr_*`, full `.diff`,
+norm `w_norm`/`b_norm`). Every module becomes an `Adapter` that knows how
 to compute its fp32 delta; `resolve` ties adapters to a model's modules and
 refuses names that match nothing, because a LoRA that silently does nothing is
 the failure users report most.
@@ -17,13 +19,15 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from sdcompress.checkpoint.finite import finite_checked
 from sdcompress.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.errors import SdcError
@@ -39,7 +43,7 @@ _SUFFIXES = (
     "lora.down.weight", "lora.up.weight", "lora_linear_layer.down.weight", "lora_linear_layer.up.weight",
     "alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b", "dora_scale",
+    "diff", "diff_b", "w_norm", "b_norm", "dora_scale",
 )  # fmt: skip
 _SUFFIX_RX = re.compile(r"^(?P<module>.+?)\.(?P<suffix>" + "|".join(re.escape(s) for s in _SUFFIXES) + r")$")
 _CANON = {
@@ -47,6 +51,14 @@ _CANON = {
     "lora_linear_layer.down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
     "lora.up.weight": "up", "lora_linear_layer.up.weight": "up", "lora_mid.weight": "mid",
 }  # fmt: skip
+# diffusers' attention-processor layout names the projection after the processor attribute
+# (`attn1.processor.to_q_lora`); diffusers' own converter maps it to the module (`attn1.to_q`, or
+# `self_attn.q_proj` in a text encoder), and so do we.
+_ATTN_PROC_RX = re.compile(
+    r"^(?P<path>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
+)
+_ATTN_PROC_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_ATTN_PROC_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _DOTTED_PREFIXES = {"unet.": UNET, "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 _SGM_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "lora_unet.")
@@ -72,7 +84,17 @@ class Adapter:
             return "lokr"
         if "diff" in t or "diff_b" in t:
             return "diff"
+        if "w_norm" in t or "b_norm" in t:
+            return "norm"
         return "lora"
+
+    @property
+    def label(self) -> str:
+        """The kind as users know it, for messages: LoRA, LoCon (Tucker), LoHa, LoKr, full-diff, norm."""
+        if self.kind == "lora":
+            return "LoCon (Tucker)" if "mid" in self.tensors else "LoRA"
+        names = {"loha": "LoHa", "lokr": "LoKr", "diff": "full-diff", "norm": "norm", "dora": "DoRA"}
+        return names[self.kind]
 
     @property
     def rank(self) -> int:
@@ -89,14 +111,49 @@ class Adapter:
             "loha": [("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)],
             "lokr": [("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")],
             "diff": [("diff", "diff_b")],
+            "norm": [("w_norm",)],
         }[kind]
         for options in need:
             if not any(o in t for o in options):
                 raise SdcError(f"{path} is incomplete: module {self.name} has no {options[0]} tensor.")
 
+    def flat_shape(self) -> tuple[int, int] | None:
+        """(out, in*kh*kw) of the update, from the tensor shapes alone; None when there is no weight update.
+
+        Checked against the target before anything is computed, so a LoRA made
+        for another model is one clear sentence rather than a reshape error.
+        """
+        t = {k: v.shape for k, v in self.tensors.items()}
+        kind = self.kind
+        if kind == "lora":
+            inner = math.prod(t["down"][1:])
+            if "mid" in t:
+                inner = t["down"][1] * math.prod(t["mid"][2:])
+            return t["up"][0], inner
+        if kind in ("diff", "norm"):
+            w = t.get("diff", t.get("w_norm"))
+            return (w[0], math.prod(w[1:])) if w is not None else None
+        if kind == "loha":
+            return _factor_shape(t["hada_w1_a"], t["hada_w1_b"], t.get("hada_t1"))
+        if kind == "lokr":
+            w1 = t["lokr_w1"] if "lokr_w1" in t else (t["lokr_w1_a"][0], t["lokr_w1_b"][1])
+            if "lokr_w2" in t:
+                w2 = (t["lokr_w2"][0], math.prod(t["lokr_w2"][1:]))
+            else:
+                w2 = _factor_shape(t["lokr_w2_a"], t["lokr_w2_b"], t.get("lokr_t2"))
+            return w1[0] * w2[0], w1[1] * w2[1]
+        return None
+
+    def bias_shape(self) -> tuple[int, ...] | None:
+        """Shape of the bias update (full diff `diff_b`, norm `b_norm`), None without one."""
+        for k in ("diff_b", "b_norm"):
+            if k in self.tensors:
+                return self.tensors[k].shape
+        return None
+
     def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The weight update (scale alpha/rank included, multiplier not) at `shape`, fp32."""
-        t = {k: v.load().float() for k, v in self.tensors.items() if k != "diff_b"}
+        t = {k: v.load().float() for k, v in self.tensors.items() if k not in ("diff_b", "b_norm")}
         kind = self.kind
         if kind == "lora":
             return lora_delta(t["up"], t["down"], self._scale(t["down"].shape[0]), t.get("mid")).reshape(
@@ -104,6 +161,8 @@ class Adapter:
             )
         if kind == "diff":
             return t["diff"].reshape(shape)
+        if kind == "norm":  # LyCORIS, A1111 and ComfyUI add w_norm as it is: no alpha, no rank
+            return t["w_norm"].reshape(shape)
         if kind == "loha":
             w1 = _factor(t["hada_w1_a"], t["hada_w1_b"], t.get("hada_t1"))
             w2 = _factor(t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t2"))
@@ -119,15 +178,25 @@ class Adapter:
             else 0
         )
         scale = self.alpha / dim if self.alpha is not None and dim else 1.0
-        if w2.ndim == 4:
-            w1 = w1[:, :, None, None]
-        return torch.kron(w1, w2).reshape(shape) * scale
+        w1 = w1.reshape(*w1.shape, *[1] * (w2.ndim - w1.ndim))
+        # kron views its inputs: a Tucker rebuild (an einsum) comes back with permuted strides
+        return torch.kron(w1.contiguous(), w2.contiguous()).reshape(shape) * scale
 
     def bias_delta(self) -> torch.Tensor | None:
-        return self.tensors["diff_b"].load().float() if "diff_b" in self.tensors else None
+        for k in ("diff_b", "b_norm"):
+            if k in self.tensors:
+                return self.tensors[k].load().float()
+        return None
 
     def _scale(self, rank: int) -> float:
         return self.alpha / rank if self.alpha is not None and rank else 1.0
+
+
+def _factor_shape(a: tuple[int, ...], b: tuple[int, ...], tucker: tuple[int, ...] | None) -> tuple[int, int]:
+    """(out, in*kh*kw) of `_factor(a, b, tucker)` from the shapes alone."""
+    if tucker is None:
+        return a[0], math.prod(b[1:])
+    return a[1], b[1] * math.prod(tucker[2:])
 
 
 def _factor(a: torch.Tensor, b: torch.Tensor, tucker: torch.Tensor | None) -> torch.Tensor:
@@ -167,19 +236,52 @@ class LoraFile:
         return None
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Parse any supported LoRA file; unknown tensor names are an error, not a silent skip."""
+def lora_key(key: str) -> tuple[str, str] | None:
+    """(module, suffix) of a LoRA tensor name in any layout we read, None for anything else."""
+    m = _SUFFIX_RX.match(_from_attn_proc(key))
+    return (m.group("module"), m.group("suffix")) if m else None
+
+
+def is_lora_state(keys: Iterable[str]) -> bool:
+    """True when every key is a LoRA tensor name (and there is one): how `convert` recognises a LoRA file."""
+    keys = list(keys)
+    return bool(keys) and all(lora_key(k) is not None for k in keys)
+
+
+def _from_attn_proc(key: str) -> str:
+    """`<path>.processor.to_q_lora.down.weight` -> `<path>.to_q.lora.down.weight` (diffusers' mapping).
+
+    Files saved by `unet.save_attn_procs` carry no component prefix: they are U-Net files.
+    """
+    m = _ATTN_PROC_RX.match(key)
+    if not m:
+        return key
+    path = m.group("path")
+    if not path.startswith(tuple(_DOTTED_PREFIXES)):
+        path = "unet." + path
+    names = _ATTN_PROC_UNET if path.startswith("unet.") else _ATTN_PROC_TEXT
+    return f"{path}.{names[m.group('proj')]}.lora.{m.group('part')}.weight"
+
+
+def read_lora(path: str | Path, *, allow_nonfinite: bool = False) -> LoraFile:
+    """Parse any supported LoRA file; unknown tensor names are an error, not a silent skip.
+
+    Unless `allow_nonfinite`, each tensor is checked for NaN/inf when it is
+    loaded (alphas right away), and the error names the tensor.
+    """
     f = SafetensorsFile(path)
     sd = f.state_dict()
     adapters: dict[str, Adapter] = {}
     unknown = []
     for key, lt in sd.items():
-        m = _SUFFIX_RX.match(key)
-        if not m:
+        parsed = lora_key(key)
+        if parsed is None:
             unknown.append(key)
             continue
-        module, suffix = m.group("module"), m.group("suffix")
+        module, suffix = parsed
         a = adapters.setdefault(module, Adapter(module))
+        if not allow_nonfinite:
+            lt = finite_checked(lt, f"{f.path}: tensor {key!r}")
         if suffix == "alpha":
             a.alpha = float(lt.load().float().reshape(-1)[0])
         else:
@@ -246,10 +348,14 @@ def resolve(lora: LoraFile, naming: Naming) -> dict[Target, Adapter]:
     if missing:
         family = lora.base_model_version or lora.metadata.get("modelspec.architecture")
         hint = f" (the file says it is for {family})" if family else ""
-        what = "none" if not out else f"{len(missing)} of {len(lora.adapters)}"
+        n = len(lora.adapters)
+        what = (
+            f"none of its {n} modules match the model"
+            if not out
+            else f"{len(missing)} of its {n} modules do not match the model"
+        )
         raise SdcError(
-            f"{lora.path}: {what} of its modules match the model (first: {missing[0]!r}){hint}; "
-            "use a LoRA made for this model family."
+            f"{lora.path}: {what} (first: {missing[0]!r}){hint}; use a LoRA made for this model family."
         )
     return out
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.finite import finite_model
 from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
@@ -35,6 +36,7 @@ class ConvertRequest:
     overwrite: bool = False
     tokenizer: str | None = None
     allow_pickle: bool = False
+    allow_nonfinite: bool = False  # write NaN/inf (e.g. an fp16 overflow) instead of refusing them
     device: str = "auto"
     prediction_type: PredictionType | None = None
     # single-file | diffusers for models (default: from the output path); kohya | peft for LoRA files
@@ -100,6 +102,8 @@ def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | 
     )
     if device.type != "cpu":
         model.components = {k: _on_device(v, device) for k, v in model.components.items()}
+    if not req.allow_nonfinite:
+        model = finite_model(model, dtype, vae_dtype)
     notes = list(model.notes)
     save = save_single_file if target == ModelFormat.SINGLE_FILE else save_diffusers
     notes += save(

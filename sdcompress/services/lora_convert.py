@@ -15,10 +15,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.finite import check_finite, overflow_note
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.choices import ConvertFormat, LoraFormat, resolve_dtype
 from sdcompress.errors import SdcError
-from sdcompress.lowrank.layouts import FORMATS, KOHYA, LoraModule, read_lora, resolve, write_lora
+from sdcompress.lowrank.layouts import (
+    FORMATS,
+    KOHYA,
+    LoraFile,
+    LoraModule,
+    is_lora_state,
+    read_lora,
+    resolve,
+    write_lora,
+)
 from sdcompress.services.merge import naming_for, skeleton_naming
 
 if TYPE_CHECKING:
@@ -44,9 +54,20 @@ def is_lora_file(path: str | Path) -> bool:
         keys = SafetensorsFile(p).keys()
     except SdcError:
         return False
-    return bool(keys) and all(
-        k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight"))
-        for k in keys
+    return is_lora_state(keys)
+
+
+def _refuse_lycoris(lora: LoraFile) -> None:
+    """LyCORIS kinds have no kohya/PEFT LoRA form: say what convert does and what to do with the file."""
+    odd = [a for a in lora.adapters.values() if a.label != "LoRA"]
+    if not odd:
+        return
+    kinds = ", ".join(sorted({a.label for a in odd}))
+    raise SdcError(
+        f"{lora.path} is a LyCORIS file ({kinds} modules, e.g. {odd[0].name}); convert rewrites plain "
+        "LoRAs (lora_down/lora_up) between the kohya and PEFT layouts only, so use this file as it is "
+        "(ComfyUI, A1111/Forge and LyCORIS load it) or bake it into a model with "
+        "`sdcompress merge BASE --lora FILE -o OUT`."
     )
 
 
@@ -58,23 +79,26 @@ def convert_lora(
     base: str | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> LoraConvertResult:
-    """Rewrite the LoRA `src` in layout `to` ("kohya" or "peft") at `dst`."""
+    """Rewrite the LoRA `src` in layout `to` ("kohya" or "peft") at `dst`; NaN/inf refused unless allowed."""
     if to not in FORMATS:
         raise SdcError(f"unknown LoRA format {to!r}; choose kohya or peft.")
     check_output(dst, overwrite=overwrite, inputs=[src, base], kind="file")
-    lora = read_lora(src)
+    lora = read_lora(src, allow_nonfinite=allow_nonfinite)
+    _refuse_lycoris(lora)
     naming = naming_for(load_model(base)) if base else skeleton_naming(bool(lora.looks_sdxl()))
     modules = []
     for target, a in resolve(lora, naming).items():
-        if a.kind != "lora" or "mid" in a.tensors:
-            raise SdcError(
-                f"{src} holds LyCORIS {a.kind} modules (e.g. {a.name}); only plain LoRAs convert to {to}."
-            )
         up, down = a.tensors["up"].load(), a.tensors["down"].load()
         alpha = a.alpha if a.alpha is not None else float(down.shape[0])
         modules.append(LoraModule(target, up, down, alpha))
     out_dtype = dtype or modules[0].down.dtype
+    if not allow_nonfinite and out_dtype != modules[0].down.dtype:
+        for m in modules:
+            for part, t in (("lora_up", m.up), ("lora_down", m.down)):
+                what = f"the output tensor {naming.kohya(m.target)}.{part}.weight"
+                check_finite(t.to(out_dtype), what, overflow_note(out_dtype))
     keep = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec."))}
     write_lora(dst, modules, naming, fmt=to, dtype=out_dtype, metadata=keep, overwrite=overwrite)
     return LoraConvertResult(str(dst), lora.layout, to, len(modules))
@@ -108,5 +132,10 @@ def convert_lora_file(req: ConvertRequest) -> LoraConvertResult:
     if fmt not in (ConvertFormat.KOHYA, ConvertFormat.PEFT):
         raise SdcError(f"{req.src} is a LoRA file, which converts to --format kohya or peft, not {fmt}.")
     return convert_lora(
-        req.src, req.output, LoraFormat(fmt.value), dtype=resolve_dtype(req.dtype), overwrite=req.overwrite
+        req.src,
+        req.output,
+        LoraFormat(fmt.value),
+        dtype=resolve_dtype(req.dtype),
+        overwrite=req.overwrite,
+        allow_nonfinite=req.allow_nonfinite,
     )

@@ -18,6 +18,7 @@ import torch
 
 from sdcompress.arch.families import get_family
 from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.finite import check_finite, finite_model, nonfinite_kind, overflow_note
 from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
@@ -78,6 +79,7 @@ class MergeRequest:
     dtype: torch.dtype | None = None
     overwrite: bool = False
     allow_pickle: bool = False
+    allow_nonfinite: bool = False  # write NaN/inf instead of refusing them
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -138,16 +140,24 @@ def _check_family(lora: LoraFile, model: Model) -> None:
         )
 
 
-def _expected_shape(a: Adapter) -> tuple[int, int] | None:
-    """(out, in*kh*kw) a plain LoRA adapter produces; None for kinds whose shape follows the target."""
-    t = a.tensors
-    if a.kind != "lora":
-        return None
-    out = t["up"].shape[0]
-    inner = math.prod(t["down"].shape[1:])
-    if "mid" in t:
-        inner = t["down"].shape[1] * math.prod(t["mid"].shape[2:])
-    return out, inner
+def _check_fits(lora: LoraFile, adapter: Adapter, target: Target, model: Model) -> None:
+    """Every kind (LoRA, LoHa, LoKr, full diff, norm) must make an update of the target's shape."""
+    sd = model.components[target.component]
+    w = sd[target.weight_key]
+    want = adapter.flat_shape()
+    have = (w.shape[0], math.prod(w.shape[1:]))
+    bias = adapter.bias_shape()
+    bias_key = target.path + ".bias"
+    if want is not None and want != have:
+        made, of = f"a {want[0]}x{want[1]}", list(w.shape)
+    elif bias is not None and bias_key in sd and math.prod(bias) != math.prod(sd[bias_key].shape):
+        made, of = f"a {list(bias)} bias", list(sd[bias_key].shape)
+    else:
+        return
+    raise SdcError(
+        f"{lora.path} does not fit {model.ref}: {adapter.name} makes {made} update for a {of} "
+        "weight; use a LoRA made for this model family."
+    )
 
 
 def bake_loras(model: Model, loras: list[tuple[LoraFile, float]]) -> tuple[Model, int]:
@@ -157,19 +167,13 @@ def bake_loras(model: Model, loras: list[tuple[LoraFile, float]]) -> tuple[Model
     for lora, weight in loras:
         _check_family(lora, model)
         for target, adapter in resolve(lora, naming).items():
-            w = model.components[target.component][target.weight_key]
-            want = _expected_shape(adapter)
-            if want is not None and want != (w.shape[0], math.prod(w.shape[1:])):
-                raise SdcError(
-                    f"{lora.path} does not fit {model.ref}: {adapter.name} makes a {want[0]}x{want[1]} "
-                    f"update for a {list(w.shape)} weight; use a LoRA made for this model family."
+            _check_fits(lora, adapter, target, model)
+            if adapter.flat_shape() is not None:
+                updates.setdefault((target.component, target.weight_key), []).append(
+                    lambda shape, a=adapter, s=weight: a.delta(shape) * s
                 )
-            updates.setdefault((target.component, target.weight_key), []).append(
-                lambda shape, a=adapter, s=weight: a.delta(shape) * s
-            )
-            bias = adapter.tensors.get("diff_b")
             bias_key = target.path + ".bias"
-            if bias is not None and bias_key in model.components[target.component]:
+            if adapter.bias_shape() is not None and bias_key in model.components[target.component]:
                 updates.setdefault((target.component, bias_key), []).append(
                     lambda shape, a=adapter, s=weight: a.bias_delta().reshape(shape) * s
                 )
@@ -259,9 +263,17 @@ def _merged(parts: list[LazyTensor], fn: Callable[..., torch.Tensor], kwargs: di
 
 
 def write_model(
-    model: Model, output: str, *, dtype: torch.dtype | None, overwrite: bool, progress: Progress | None = None
+    model: Model,
+    output: str,
+    *,
+    dtype: torch.dtype | None,
+    overwrite: bool,
+    progress: Progress | None = None,
+    allow_nonfinite: bool = False,
 ) -> list[str]:
     """`.safetensors` -> one single file; anything else -> a diffusers folder."""
+    if not allow_nonfinite:
+        model = finite_model(model, dtype)
     total = sum(len(sd) for sd in model.components.values())
     done = [0]
 
@@ -291,9 +303,9 @@ def skeleton_naming(sdxl: bool) -> Naming:
 
 def _factors(a: Adapter, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat [out, r] / [r, in*k*k] factors with scale and weight folded into up."""
-    if a.kind != "lora" or "mid" in a.tensors:
+    if a.label != "LoRA":
         raise SdcError(
-            f"module {a.name} is a LyCORIS {a.kind if a.kind != 'lora' else 'LoCon (Tucker)'} update; "
+            f"module {a.name} is a LyCORIS {a.label} update; "
             "merging it with other LoRAs needs a base model: bake it into a checkpoint instead."
         )
     up = a.tensors["up"].load().float()
@@ -304,7 +316,7 @@ def _factors(a: Adapter, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge_lora_files(
-    loras: list[tuple[LoraFile, float]], rank: int | None
+    loras: list[tuple[LoraFile, float]], rank: int | None, *, out_dtype: torch.dtype | None = None
 ) -> tuple[list[LoraModule], Naming]:
     """Sum LoRAs exactly by concatenating ranks, or re-rank each module's summed delta by SVD."""
     flags = {lf.looks_sdxl() for lf, _ in loras} - {None}
@@ -332,9 +344,22 @@ def merge_lora_files(
         up = torch.cat([f[0] for f in factors], dim=1)
         down = torch.cat([f[1] for f in factors], dim=0)
         if rank is not None:
-            lr = low_rank(lora_delta(up, down, 1.0), rank)
+            delta = lora_delta(up, down, 1.0)
+            kind = nonfinite_kind(delta)
+            if kind is not None:  # only with --allow-nonfinite: the inputs are checked as they load
+                raise SdcError(
+                    f"cannot re-rank {target.component}.{target.path}: its summed update holds {kind} "
+                    "values, which SVD cannot decompose; drop --rank to keep the exact sum."
+                )
+            lr = low_rank(delta, rank)
             up, down = lr.up, lr.down
         up, down = shape_factors(up, down, weight_shape)
+        if out_dtype is not None:
+            name = naming.kohya(target)
+            for part, t in (("lora_up", up), ("lora_down", down)):
+                check_finite(
+                    t.to(out_dtype), f"the output tensor {name}.{part}.weight", overflow_note(out_dtype)
+                )
         modules.append(LoraModule(target, up.contiguous(), down.contiguous(), float(down.shape[0])))
     return modules, naming
 
@@ -346,7 +371,9 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
     inputs = [*request.models, *(ref.path for ref in request.loras)]
     kind = "file" if Path(request.output).suffix == ".safetensors" else "dir"
     check_output(request.output, overwrite=request.overwrite, inputs=inputs, kind=kind)
-    loras = [(read_lora(ref.path), ref.weight) for ref in request.loras]
+    loras = [
+        (read_lora(ref.path, allow_nonfinite=request.allow_nonfinite), ref.weight) for ref in request.loras
+    ]
     if not request.models:
         if not loras:
             raise SdcError("nothing to merge; give models and/or --lora files.")
@@ -356,8 +383,10 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
             )
         if request.rank is not None and request.rank < 1:
             raise SdcError(f"--rank must be at least 1, got {request.rank}.")
-        modules, naming = merge_lora_files(loras, request.rank)
         dtype = request.dtype or torch.float16
+        modules, naming = merge_lora_files(
+            loras, request.rank, out_dtype=None if request.allow_nonfinite else dtype
+        )
         meta = {
             "ss_network_module": "networks.lora",
             "sdcompress.merged_from": ", ".join(r.path for r in request.loras),
@@ -391,6 +420,11 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
         notes.append(f"baked {len(loras)} LoRA(s) into {adapted} tensors")
     total = sum(len(sd) for sd in merged.components.values())
     notes += write_model(
-        merged, request.output, dtype=request.dtype, overwrite=request.overwrite, progress=progress
+        merged,
+        request.output,
+        dtype=request.dtype,
+        overwrite=request.overwrite,
+        progress=progress,
+        allow_nonfinite=request.allow_nonfinite,
     )
     return MergeResult(request.output, kind, total, adapted, notes)
