@@ -362,19 +362,30 @@ class CaptionedImages(torch.utils.data.Dataset):
         }
 
 
+# Per-sample tensors a batch stacks: pixels from images, or what a prepared dataset stored instead.
+STACKED = ("pixel_values", "latents", "prompt_embeds", "pooled")
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack one bucket's samples into a batch."""
-    return {
+    batch = {
         "index": torch.tensor([s["index"] for s in samples]),
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "captions": [s["caption"] for s in samples],
         "original_sizes": torch.tensor([s["original_size"] for s in samples]),
         "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples]),
         "target_sizes": torch.tensor([s["target_size"] for s in samples]),
     }
+    for key in STACKED:
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    return batch
 
 
-def build_dataset(config: DataConfig, seed: int) -> tuple[CaptionedImages, DataStats]:
-    """Scan the source and wrap the usable images as a dataset."""
+def build_dataset(config: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset, DataStats]:
+    """Scan the source and wrap the usable images as a dataset; a prepared dataset is opened, not scanned."""
+    from sdcompress.training import shards
+
+    if config.dataset_name is None and shards.is_prepared(config.data_dir):
+        return shards.open_prepared(config, seed)
     records, stats, hf_dataset = scan(config)
     return CaptionedImages(records, config, seed, hf_dataset), stats

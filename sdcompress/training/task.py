@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from sdcompress.errors import SdcError
 from sdcompress.training.conditioning import Conditioning, encode_prompts, unet_added_conditions
 from sdcompress.training.config import LossConfig
 from sdcompress.training.losses import diffusion_loss
@@ -179,22 +180,38 @@ class DiffusionTask:
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """VAE latents of the batch's images (scaled), from the cache when latent caching is on."""
+        """VAE latents of the batch's images (scaled), from the cache when latent caching is on.
+
+        A batch from a prepared dataset already holds them (`latents`); the VAE does not run.
+        """
+        if "latents" in batch:
+            check_prepared_batch(batch, self.parts)
+            return batch["latents"].to(self.device, torch.float32)
         indices = batch["index"].tolist()
         if self.loss_config.cache_latents and all(i in self._latent_cache for i in indices):
             return torch.stack([self._latent_cache[i] for i in indices]).to(self.device)
         vae = self.parts.vae
-        pixels = batch["pixel_values"].to(self.device, next(vae.parameters()).dtype)
-        latents = vae.encode(pixels).latent_dist.mode()  # the mean: deterministic, so resume stays exact
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = ((latents - shift) * vae.config.scaling_factor).float()
+        latents = vae_latents(vae, batch["pixel_values"].to(self.device, next(vae.parameters()).dtype))
         if self.loss_config.cache_latents:
             for i, latent in zip(indices, latents, strict=True):
                 self._latent_cache[i] = latent.cpu()
         return latents
 
     def encode(self, batch: dict[str, Any]) -> Conditioning:
-        """One text-encoder forward for the batch (with gradients only when the encoders train)."""
+        """One text-encoder forward for the batch (with gradients only when the encoders train).
+
+        A prepared dataset's batch holds the embeddings; they are used as stored.
+        """
+        if "prompt_embeds" in batch:
+            if self.train_text_encoders:
+                raise SdcError(
+                    "a prepared dataset holds fixed text embeddings, so the text encoders cannot train on it; "
+                    "drop the text-encoder training option or train from the image folder."
+                )
+            pooled = batch.get("pooled")
+            return Conditioning(
+                batch["prompt_embeds"].to(self.device), None if pooled is None else pooled.to(self.device)
+            )
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
             return encode_prompts(
                 self.parts.text_encoders, self.parts.tokenizers, batch["captions"], self.device
@@ -217,6 +234,38 @@ class DiffusionTask:
             timesteps=prepared.noisy.timesteps,
             snr_gamma=self.loss_config.snr_gamma,
             prediction_type=prepared.noisy.prediction_type,
+        )
+
+
+@torch.no_grad()
+def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled fp32 latents of pixels in [-1, 1]: the distribution's mean (deterministic, so resume is exact).
+
+    The one definition of a training latent: the trainer and `data prepare` both call it.
+    """
+    latents = vae.encode(pixels).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    # Contiguous: the VAE's output can come back channels-last, and a U-Net given another memory
+    # layout picks other kernels, so stored and freshly encoded latents would train differently.
+    return ((latents - shift) * vae.config.scaling_factor).float().contiguous()
+
+
+def check_prepared_batch(batch: dict[str, Any], parts: DiffusionParts) -> None:
+    """Refuse prepared data encoded for another family: its latents or embeddings do not fit this U-Net."""
+    config = parts.unet.config
+    width = batch["prompt_embeds"].shape[-1]
+    has_pooled = "pooled" in batch
+    wants_pooled = getattr(config, "addition_embed_type", None) == "text_time"
+    channels = batch["latents"].shape[1]
+    if width != config.cross_attention_dim or has_pooled != wants_pooled or channels != config.in_channels:
+        made = f"text embeddings {width} wide{' + pooled' if has_pooled else ''}, {channels}-channel latents"
+        needs = (
+            f"{config.cross_attention_dim} wide{' + pooled' if wants_pooled else ''}, "
+            f"{config.in_channels}-channel latents"
+        )
+        raise SdcError(
+            f"the prepared dataset was encoded for another model family ({made}) and this U-Net needs "
+            f"{needs}; prepare the data again with --model set to this model or its teacher."
         )
 
 

@@ -1,0 +1,278 @@
+"""Prepared training data: WebDataset tar shards of latents and text embeddings, and their index.
+
+A prepared dataset is a folder (written by `sdcompress data prepare`, see
+`training/prepare.py`) holding:
+
+- `shard-00000.tar`, ...: WebDataset shards; sample KEY is `KEY.safetensors`
+  (`latent`, `prompt_embeds`, and `pooled` for SDXL) plus `KEY.json` (caption,
+  original size, crop top-left, target size, source);
+- `targets.npy`: one bucket number per sample, memory-mapped at start-up;
+- `empty-prompt.safetensors`: the empty caption's conditioning (caption dropout);
+- `sdcompress-shards.json`: the index, written last, so a folder without it
+  is not a dataset.
+
+Reading goes through wids (the webdataset project's indexed reader: each tar
+memory-mapped, its headers indexed on first use). Samples are addressed by
+their global number, so the engine's own sampler (`training/data.py`, a pure
+function of seed and epoch) decides the order and `--resume` stays exact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdcompress.errors import SdcError
+
+INDEX = "sdcompress-shards.json"
+TARGETS = "targets.npy"
+EMPTY_PROMPT = "empty-prompt.safetensors"
+FORMAT = "sdcompress-shards/1"
+OPEN_SHARDS = 64  # shards kept memory-mapped per process (each holds one file descriptor)
+
+
+def is_prepared(path: Path | str | None) -> bool:
+    """Whether `path` is a prepared dataset (a folder with the index), not a folder of images."""
+    return path is not None and (Path(path).expanduser() / INDEX).is_file()
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.tar"
+
+
+def sample_key(number: int) -> str:
+    """The key of global sample `number` inside its shard (no dots: wids splits names at the first)."""
+    return f"{number:09d}"
+
+
+def require_wids():
+    """The wids module, or one sentence saying how to install it."""
+    try:
+        import wids
+    except ImportError as exc:
+        raise SdcError(
+            "prepared datasets need webdataset and wids; install them with `pip install 'sdcompress[scale]'`."
+        ) from exc
+    return wids
+
+
+# ---------------------------------------------------------------------------- encoding one sample
+
+
+def encode_sample(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, bytes]:
+    """The tar members of one sample: its tensors as safetensors bytes (bf16 survives), its metadata as JSON."""
+    from safetensors.torch import save
+
+    return {
+        "safetensors": save({k: v.contiguous() for k, v in tensors.items()}),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def decode_sample(members: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata back from a sample's members (bytes or file objects)."""
+    from safetensors.torch import load
+
+    def raw(value: Any) -> bytes:
+        return value.getvalue() if isinstance(value, io.BytesIO) else bytes(value)
+
+    return load(raw(members[".safetensors"])), json.loads(raw(members[".json"]))
+
+
+# ---------------------------------------------------------------------------- the index
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The parsed index of a prepared dataset."""
+
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.data["shards"]
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        return [tuple(b) for b in self.data["buckets"]]
+
+    @property
+    def samples(self) -> int:
+        return int(self.data["samples"])
+
+    @property
+    def conditioning(self) -> dict[str, Any]:
+        return self.data["conditioning"]
+
+
+def read_index(root: Path | str) -> ShardIndex:
+    """Read and check a prepared dataset's index (one sentence when it is not one we can read)."""
+    root = Path(root).expanduser()
+    path = root / INDEX
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SdcError(f"{path} is not a readable index; prepare the dataset again.") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SdcError(
+            f"{path} is not an index this sdcompress reads (format {data.get('format')!r}, "
+            f"expected {FORMAT!r}); prepare the dataset again."
+        )
+    missing = [s["url"] for s in data["shards"] if not (root / s["url"]).is_file()]
+    if missing or not (root / TARGETS).is_file():
+        what = missing[0] if missing else TARGETS
+        raise SdcError(f"prepared dataset {root} lacks {what}; copy the whole folder or prepare it again.")
+    return ShardIndex(root, data)
+
+
+class BucketTargets(Sequence):
+    """Each sample's target size (h, w), read from the memory-mapped bucket numbers.
+
+    The engine's sampler only needs `len` and item access, so start-up reads no
+    sample and holds no per-sample Python object.
+    """
+
+    def __init__(self, numbers: np.ndarray, buckets: list[tuple[int, int]]) -> None:
+        self.numbers = numbers
+        self.buckets = buckets
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self.buckets[int(n)] for n in self.numbers[index]]
+        return self.buckets[int(self.numbers[index])]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class _Shards:
+    """Open shards by number, memory-mapped through wids, at most OPEN_SHARDS at a time.
+
+    wids' own `ShardListDataset` would also do this, but it copies local shards
+    into a download cache, puts lock files beside them and prints to stdout and
+    stderr; its per-shard reader (`IndexedTarSamples`) and LRU are what we use.
+    """
+
+    def __init__(self, root: Path, shards: list[dict[str, Any]]) -> None:
+        self.root = root
+        self.urls = [s["url"] for s in shards]
+        self.ends = np.cumsum([s["nsamples"] for s in shards])
+        self._cache = None
+
+    def _open(self, number: int):
+        from wids.wids import IndexedTarSamples
+        from wids.wids_lru import LRUCache
+
+        if self._cache is None:  # built lazily: a DataLoader worker must not share a parent's mmaps
+            self._cache = LRUCache(OPEN_SHARDS, release_handler=lambda key, value: value.close())
+        shard = self._cache[number]
+        if shard is None:
+            shard = IndexedTarSamples(path=str(self.root / self.urls[number]))
+            self._cache[number] = shard
+        return shard
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, position in the shard) of global sample `index`."""
+        number = int(np.searchsorted(self.ends, index, side="right"))
+        start = 0 if number == 0 else int(self.ends[number - 1])
+        return number, index - start
+
+    def read(self, index: int) -> dict[str, Any]:
+        number, position = self.locate(index)
+        return self._open(number)[position]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """A prepared dataset as the engine's map-style dataset: keys are (sample, epoch) like `CaptionedImages`.
+
+    A sample carries `latents`, `prompt_embeds` (and `pooled`) instead of
+    pixels; the only random draw left is caption dropout, taken from the same
+    (seed, epoch, index) generator as for images, so both paths drop the same
+    captions.
+    """
+
+    def __init__(self, index: ShardIndex, config, seed: int) -> None:
+        require_wids()
+        self.index = index
+        self.config = config
+        self.seed = seed
+        numbers = np.load(index.root / TARGETS, mmap_mode="r")
+        if len(numbers) != index.samples:
+            raise SdcError(
+                f"{index.root / TARGETS} lists {len(numbers)} samples, the index {index.samples}; "
+                "prepare the dataset again."
+            )
+        self.targets = BucketTargets(numbers, index.buckets)
+        self._shards = _Shards(index.root, index.shards)
+        self._empty: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.index.samples
+
+    def _empty_prompt(self) -> dict[str, torch.Tensor]:
+        if self._empty is None:
+            from safetensors.torch import load_file
+
+            self._empty = load_file(self.index.root / EMPTY_PROMPT)
+        return self._empty
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        from sdcompress.training.data import _rng
+
+        index, epoch = key
+        tensors, meta = decode_sample(self._shards.read(index))
+        rng = _rng(self.seed, epoch, index)
+        # Same draw as CaptionedImages: flip is refused for prepared data, so dropout is the first draw.
+        drop = self.config.caption_dropout > 0 and rng.random() < self.config.caption_dropout
+        cond = self._empty_prompt() if drop else tensors
+        sample = {
+            "index": index,
+            "latents": tensors["latent"],
+            "prompt_embeds": cond["prompt_embeds"],
+            "caption": "" if drop else meta["caption"],
+            "original_size": tuple(meta["original_size"]),
+            "crop_top_left": tuple(meta["crop_top_left"]),
+            "target_size": tuple(meta["target_size"]),
+        }
+        if "pooled" in tensors:
+            sample["pooled"] = cond["pooled"]
+        return sample
+
+
+def check_training_options(config) -> None:
+    """Refuse data options a prepared dataset cannot honour (its crops were fixed when it was prepared)."""
+    if not config.center_crop or config.random_flip:
+        raise SdcError(
+            f"{config.data_dir} is a prepared dataset whose crops were fixed when it was prepared; "
+            "drop --random-crop and --random-flip, or train from the image folder."
+        )
+
+
+def open_prepared(config, seed: int):
+    """The dataset and its scan statistics (from the index: nothing is scanned) for `--data SHARDS`."""
+    from sdcompress.training.data import DataStats
+
+    check_training_options(config)
+    index = read_index(config.data_dir)
+    skipped = index.data.get("skipped", {})
+    stats = DataStats(
+        images=index.samples,
+        unreadable=int(skipped.get("count", 0)),
+        missing_captions=int(index.data.get("missing_captions", 0)),
+        unreadable_examples=list(skipped.get("examples", [])),
+    )
+    return PreparedDataset(index, config, seed), stats
