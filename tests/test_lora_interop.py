@@ -220,7 +220,7 @@ def test_attn_processor_layout_bakes_like_diffusers(base, tmp_path):
     path, t = _attn_proc_file(tmp_path)
     assert is_lora_file(path)
     lora = read_lora(path)
-    assert len(lora.adapters) == 6
+    assert len(lora.adapters) == 6 and lora.layout == "diffusers-attn-procs"
     # diffusers' own converter: the same modules, in the PEFT layout we also read
     unet_sd = convert_unet_state_dict_to_peft({k: v for k, v in t.items() if k.startswith("unet.")})
     te_sd = {k.removeprefix("text_encoder."): v for k, v in t.items() if k.startswith("text_encoder.")}

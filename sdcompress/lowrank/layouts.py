@@ -59,6 +59,7 @@ _ATTN_PROC_RX = re.compile(
 )
 _ATTN_PROC_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _ATTN_PROC_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+ATTN_PROCS = "diffusers-attn-procs"
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _DOTTED_PREFIXES = {"unet.": UNET, "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 _SGM_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "lora_unet.")
@@ -211,7 +212,8 @@ class LoraFile:
     """A parsed LoRA: adapters by module name, the file's metadata and its layout."""
 
     path: str
-    layout: str  # "kohya", "peft", "sgm" (diffusion_model.*), or "lycoris" (kohya names, LyCORIS tensors)
+    # "kohya", "peft", "sgm" (diffusion_model.*), "lycoris" (kohya names, LyCORIS tensors) or ATTN_PROCS
+    layout: str
     adapters: dict[str, Adapter]
     metadata: dict[str, str]
 
@@ -295,6 +297,8 @@ def read_lora(path: str | Path, *, allow_nonfinite: bool = False) -> LoraFile:
     layout = _detect_layout(adapters)
     if layout == PEFT:
         _apply_peft_alphas(adapters, f.metadata)
+        if any(_ATTN_PROC_RX.match(k) for k in sd):
+            layout = ATTN_PROCS
     for a in adapters.values():
         a.check(f.path)
     return LoraFile(f.path, layout, adapters, f.metadata)
