@@ -120,6 +120,19 @@ class LoraFormat(Choice):
     PEFT = "peft"
 
 
+class LoraOutputs(Choice):
+    """`--format` of extract-lora and lora train: one LoRA layout, or both files (`both` is an alias)."""
+
+    KOHYA = "kohya"
+    PEFT = "peft"
+    KOHYA_PEFT = "kohya,peft"
+
+    @classmethod
+    def _missing_(cls, value: object) -> LoraOutputs | None:
+        text = str(value).strip().lower().replace(" ", "")
+        return cls.KOHYA_PEFT if text in ("both", "peft,kohya") else super()._missing_(text)
+
+
 class ConvertFormat(Choice):
     """`convert --format`: a model layout for models, a LoRA layout for LoRA files."""
 

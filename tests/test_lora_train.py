@@ -362,3 +362,27 @@ def test_lora_resume_is_exact(tmp_path, data):
     assert_bit_identical(tensors_of(straight.files[0]), tensors_of(resumed.files[0]))
     a, b = (json.loads((r.output / "sdcompress_run.json").read_text()) for r in (straight, resumed))
     assert a["loss_curve"] == b["loss_curve"]
+
+
+def test_lycoris_type_with_a_peft_file_is_refused_before_training(cli, tmp_path, data):
+    """No loader reads LoHa / LoKr tensors under PEFT names: the PEFT copy is refused, not written."""
+    for fmt in ("peft", "kohya,peft"):
+        r = cli("lora", "train", "--model", "tiny-sd", "--data", data, "-o", tmp_path / "out", "--type", "loha",
+                "--format", fmt, "--max-steps", "1", "--cpu")  # fmt: skip
+        assert r.code == 2 and "use --format kohya" in r.stderr and "Traceback" not in r.stderr, r
+        assert not (tmp_path / "out").exists()
+
+
+def test_conv_alpha_metadata_matches_the_conv_modules(tmp_path, data):
+    """--rank 4 --alpha 2 --targets all: every module carries alpha 2, and ss_network_args says conv_alpha 2."""
+    result = train(
+        tmp_path, data, steps=1, adapter=AdapterSpec(rank=4, alpha=2.0, targets="all"), format="kohya,peft"
+    )
+    kohya, peft_file = result.files
+    lora = read_lora(kohya)
+    assert {a.alpha for a in lora.adapters.values()} == {2.0}
+    assert any(a.tensors["down"].shape[-1] == 3 for a in lora.adapters.values())  # 3x3 convs are in the file
+    args = json.loads(lora.metadata["ss_network_args"])
+    assert args == {"conv_dim": "4", "conv_alpha": "2"}
+    assert lora.metadata["ss_network_alpha"] == "2" and lora.metadata["ss_network_dim"] == "4"
+    assert peft_file.name == "pytorch_lora_weights.safetensors" and read_lora(peft_file).layout == "peft"

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sdcompress.choices import DType, LoraFormat, RankMode
+from sdcompress.choices import DType, LoraOutputs, RankMode
 from sdcompress.cli._lowrank_progress import progress_bar
 from sdcompress.cli._options import (
     DTYPE_METAVAR,
@@ -63,8 +63,13 @@ def extract_lora(
         typer.Option("--clamp-quantile", help="Clamp factors to this quantile (kohya's 0.99); off."),
     ] = None,
     fmt: Annotated[
-        LoraFormat, typer.Option("--format", help="kohya (A1111/ComfyUI/diffusers) or peft.")
-    ] = LoraFormat.KOHYA,
+        LoraOutputs,
+        typer.Option(
+            "--format",
+            parser=LoraOutputs.cli,
+            help="kohya, peft, or both: kohya,peft (the PEFT copy goes to OUT.peft.safetensors).",
+        ),
+    ] = LoraOutputs.KOHYA,
     dtype: Annotated[
         DType,
         typer.Option("--dtype", parser=DType.cli, metavar=DTYPE_METAVAR, help="Dtype of the LoRA file."),
@@ -130,4 +135,4 @@ def extract_lora(
         f"{result.modules} modules, relative error {result.rel_error:.4f}, retained energy {result.retained:.2%}, "
         f"{human_bytes(result.file_bytes)} ({result.format}, {result.family})"
     )
-    success(f"wrote {result.output}")
+    success(f"wrote {', '.join(result.files)}")

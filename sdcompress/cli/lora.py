@@ -25,7 +25,8 @@ class LoraOptions:
     )
     text_encoder_lr: float | None = field(default=None, metadata=T.text_encoder_lr(C.ADAPTER))
     format: str = field(
-        default="kohya", metadata=C.option("--format", "kohya (default), peft or both.", C.ADAPTER)
+        default="kohya",
+        metadata=C.option("--format", "kohya (default), peft, or both: kohya,peft.", C.ADAPTER),
     )
     name: str | None = field(
         default=None,

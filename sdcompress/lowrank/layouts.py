@@ -561,6 +561,17 @@ def data_hash(sd: Mapping[str, LazyTensor]) -> str:
     return h.hexdigest()
 
 
+def parse_formats(value: str) -> tuple[str, ...]:
+    """The layouts `--format` asks for: `kohya`, `peft`, or both as `kohya,peft` (`both` is the old spelling)."""
+    names = [
+        n.strip().lower() for n in ("kohya,peft" if value.strip().lower() == "both" else value).split(",")
+    ]
+    bad = [n for n in names if n not in FORMATS]
+    if bad or not names:
+        raise SdcError(f"--format {value} is not kohya, peft or kohya,peft; choose one of those.")
+    return tuple(f for f in FORMATS if f in names)
+
+
 def one_alpha(modules: list[LoraModule]) -> list[LoraModule]:
     """The same update with one alpha for every module: each module's alpha / common is folded into `up`.
 

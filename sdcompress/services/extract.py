@@ -1,7 +1,8 @@
 """`extract-lora`: turn a fine-tune into a LoRA file.
 
 Resolves both models lazily, checks they share an architecture, factors the
-difference layer by layer (`lowrank.extract`), and writes kohya or PEFT.
+difference layer by layer (`lowrank.extract`), and writes kohya, PEFT, or both
+(`kohya,peft`: the PEFT copy goes beside the kohya file as `<stem>.peft.safetensors`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.extract import Extraction, ExtractOptions, LayerResult, extract
-from sdcompress.lowrank.layouts import KOHYA, kohya_metadata, write_lora
+from sdcompress.lowrank.layouts import KOHYA, PEFT, kohya_metadata, parse_formats, write_lora
 from sdcompress.lowrank.targets import Naming
 
 
@@ -25,9 +26,17 @@ class ExtractRequest:
     tuned: str
     output: str
     options: ExtractOptions = field(default_factory=ExtractOptions)
-    format: str = KOHYA
+    format: str = KOHYA  # kohya, peft or kohya,peft
     overwrite: bool = False
     allow_pickle: bool = False
+
+    def outputs(self) -> dict[str, Path]:
+        """The file each layout goes to: OUTPUT, and with both layouts the PEFT copy at OUTPUT.peft.safetensors."""
+        formats = parse_formats(str(self.format))
+        out = Path(self.output)
+        if len(formats) == 1:
+            return {formats[0]: out}
+        return {KOHYA: out, PEFT: out.with_name(out.stem + ".peft.safetensors")}
 
 
 @dataclass
@@ -44,7 +53,7 @@ class BlockSummary:
 class ExtractResult:
     output: str
     format: str
-    file_bytes: int
+    file_bytes: int  # of OUTPUT
     modules: int
     layers: list[LayerResult]
     blocks: list[BlockSummary]
@@ -53,6 +62,7 @@ class ExtractResult:
     rel_error: float
     retained: float
     family: str
+    files: list[str] = field(default_factory=list)  # every file written, OUTPUT first
 
 
 def naming_for(model: Model) -> Naming:
@@ -83,9 +93,9 @@ def summarize(layers: list[LayerResult]) -> list[BlockSummary]:
 def run_extract(
     request: ExtractRequest, progress: Callable[[str, int, int], None] | None = None
 ) -> ExtractResult:
-    check_output(
-        request.output, overwrite=request.overwrite, inputs=[request.base, request.tuned], kind="file"
-    )
+    outputs = request.outputs()
+    for path in outputs.values():
+        check_output(path, overwrite=request.overwrite, inputs=[request.base, request.tuned], kind="file")
     if Path(request.output).suffix != ".safetensors":
         raise SdcError(
             f"{request.output} must end in .safetensors; LoRAs are written as one safetensors file."
@@ -110,21 +120,25 @@ def run_extract(
         resolution=fam.resolution,
     )
     meta["sdcompress.extracted_from"] = f"{Path(request.base).name} -> {Path(request.tuned).name}"
-    size = write_lora(
-        request.output,
-        ex.modules,
-        naming_for(base),
-        fmt=request.format,
-        dtype=options.dtype,
-        metadata=meta,
-        overwrite=request.overwrite,
-    )
+    naming = naming_for(base)
+    sizes = {
+        fmt: write_lora(
+            path,
+            ex.modules,
+            naming,
+            fmt=fmt,
+            dtype=options.dtype,
+            metadata=meta,
+            overwrite=request.overwrite,
+        )
+        for fmt, path in outputs.items()
+    }
     energy = sum(x.energy for x in ex.layers)
     err = sum(x.sq_error for x in ex.layers)
     return ExtractResult(
         output=str(request.output),
-        format=request.format,
-        file_bytes=size,
+        format=",".join(outputs),
+        file_bytes=next(iter(sizes.values())),
         modules=len(ex.modules),
         layers=ex.layers,
         blocks=summarize(ex.layers),
@@ -133,4 +147,5 @@ def run_extract(
         rel_error=(err / energy) ** 0.5 if energy else 0.0,
         retained=1 - err / energy if energy else 1.0,
         family=fam.name,
+        files=[str(p) for p in outputs.values()],
     )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sdcompress.arch.families import get_family
 from sdcompress.checkpoint.atomic import check_output
 from sdcompress.checkpoint.finite import check_finite, overflow_note
 from sdcompress.checkpoint.resolve import load_model
@@ -24,6 +25,7 @@ from sdcompress.lowrank.layouts import (
     KOHYA,
     LoraFile,
     LoraModule,
+    derived_metadata,
     is_lora_state,
     read_lora,
     resolve,
@@ -99,7 +101,8 @@ def convert_lora(
             for part, t in (("lora_up", m.up), ("lora_down", m.down)):
                 what = f"the output tensor {naming.kohya(m.target)}.{part}.weight"
                 check_finite(t.to(out_dtype), what, overflow_note(out_dtype))
-    keep = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec."))}
+    family = get_family("sdxl" if naming.sdxl else "sd1")  # for a source without family keys (PEFT)
+    keep = derived_metadata([lora.metadata], title=Path(dst).stem, family=family)
     write_lora(dst, modules, naming, fmt=to, dtype=out_dtype, metadata=keep, overwrite=overwrite)
     return LoraConvertResult(str(dst), lora.layout, to, len(modules))
 

@@ -3,10 +3,11 @@
 The run is the shared engine with a `LoraTrainTask`. The output folder holds
 the adapters in the kohya layout (`<name>.safetensors`, `ss_*` metadata
 recording the training options, what A1111 / ComfyUI / diffusers read), the
-PEFT layout (`pytorch_lora_weights.safetensors`) with `fmt="peft"` or both,
-and `sdcompress_run.json`. Plain LoRA goes through the project's one LoRA
-writer; LoHa / LoKr tensors keep their LyCORIS names under kohya (or PEFT)
-module names, streamed by the one safetensors writer.
+PEFT layout (`pytorch_lora_weights.safetensors`) with `format="peft"` or both
+(`"kohya,peft"`), and `sdcompress_run.json`. Plain LoRA goes through the
+project's one LoRA writer; LoHa / LoKr tensors keep their LyCORIS names under
+kohya module names, streamed by the one safetensors writer. LoHa / LoKr have
+no PEFT file: no loader reads LyCORIS tensors under PEFT names.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.safetensors_io import write_safetensors
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.errors import SdcError
-from sdcompress.lowrank.layouts import KOHYA, PEFT, LoraModule, data_hash, kohya_metadata, write_lora
+from sdcompress.lowrank.layouts import (
+    KOHYA,
+    PEFT,
+    LoraModule,
+    data_hash,
+    kohya_metadata,
+    parse_formats,
+    write_lora,
+)
 from sdcompress.lowrank.targets import COMPONENTS, Naming
 from sdcompress.services.finetune import (
     TrainingRunResult,
@@ -42,7 +51,6 @@ from sdcompress.training.task import DiffusionParts, LossConfig, TrainingSummary
 
 RUN_RECORD = "sdcompress_run.json"
 PEFT_FILE = "pytorch_lora_weights.safetensors"
-OUTPUT_FORMATS = ("kohya", "peft", "both")
 
 
 DEFAULT_CLASS_IMAGES = 100  # what diffusers' DreamBooth scripts generate by default
@@ -58,7 +66,7 @@ class LoraTrainRequest:
     loss: LossConfig = LossConfig()
     text_encoder_lr: float | None = None
     dreambooth: DreamBooth = DreamBooth()
-    format: str = "kohya"
+    format: str = "kohya"  # kohya, peft or kohya,peft ("both" is accepted too)
     name: str | None = None  # file stem of the kohya file (default: the output folder's name)
     save_dtype: str = "fp16"
     allow_pickle: bool = False
@@ -66,8 +74,11 @@ class LoraTrainRequest:
 
 def _check(request: LoraTrainRequest) -> None:
     request.adapter.validate()
-    if request.format not in OUTPUT_FORMATS:
-        raise SdcError(f"unknown --format {request.format!r}; choose one of {', '.join(OUTPUT_FORMATS)}.")
+    if PEFT in parse_formats(request.format) and request.adapter.type != "lora":
+        raise SdcError(
+            f"--format peft cannot hold a {request.adapter.type} adapter (no loader reads LyCORIS tensors under "
+            "PEFT names); use --format kohya, which ComfyUI, A1111/Forge, LyCORIS and sdcompress merge read."
+        )
     if request.text_encoder_lr is not None and request.text_encoder_lr <= 0:
         raise SdcError("--text-encoder-lr must be positive; fix the option and run again.")
     db = request.dreambooth
@@ -141,6 +152,7 @@ def training_metadata(
         rank=spec.rank,
         conv_rank=spec.rank if conv else None,
         alpha=spec.lora_alpha,
+        conv_alpha=spec.lora_alpha,
         prediction_type=request.loss.noise.prediction_type or model.prediction_type,
         resolution=data.resolution,
     )
@@ -192,10 +204,8 @@ def _lazy(t: torch.Tensor, dtype: torch.dtype) -> LazyTensor:
     return LazyTensor.of(t.detach().to(dtype).contiguous())
 
 
-def lycoris_state_dict(
-    modules: list[LycorisModule], naming: Naming, fmt: str, dtype: torch.dtype
-) -> StateDict:
-    """LoHa / LoKr tensors under kohya names (`lora_unet_..hada_w1_a`) or PEFT names (`unet.<path>.hada_w1_a`).
+def lycoris_state_dict(modules: list[LycorisModule], naming: Naming, dtype: torch.dtype) -> StateDict:
+    """LoHa / LoKr tensors under kohya names (`lora_unet_..hada_w1_a`), as LyCORIS writes them.
 
     The LoRA writer in `lowrank.layouts` writes up/down pairs only; these
     adapters have other factors, so their state dict is built here with the same
@@ -204,7 +214,7 @@ def lycoris_state_dict(
     sd: StateDict = {}
     order = sorted(modules, key=lambda m: (COMPONENTS.index(m.target.component), m.target.path))
     for m in order:
-        name = naming.kohya(m.target) if fmt == KOHYA else naming.peft(m.target)
+        name = naming.kohya(m.target)
         sd[f"{name}.alpha"] = _lazy(torch.tensor(m.alpha), dtype)
         for suffix, tensor in sorted(m.tensors.items()):
             sd[f"{name}.{suffix}"] = _lazy(tensor, dtype)
@@ -214,20 +224,19 @@ def lycoris_state_dict(
 def write_adapters(
     out: Path, stem: str, modules: list, naming: Naming, fmt: str, dtype: torch.dtype, meta: dict[str, str]
 ) -> list[Path]:
+    """Write the adapters in each layout `fmt` names (`kohya`, `peft`, `kohya,peft`); LoHa / LoKr: kohya only."""
     files = []
-    for layout in (KOHYA, PEFT) if fmt == "both" else (fmt,):
+    lycoris = bool(modules) and not isinstance(modules[0], LoraModule)
+    for layout in parse_formats(fmt):
         path = out / (f"{stem}.safetensors" if layout == KOHYA else PEFT_FILE)
-        if modules and isinstance(modules[0], LoraModule):
+        if not lycoris:
             extra = meta if layout == KOHYA else {"sdcompress_training": json.dumps(meta)}
             write_lora(path, modules, naming, fmt=layout, dtype=dtype, metadata=extra, overwrite=True)
+        elif layout == KOHYA:
+            sd = lycoris_state_dict(modules, naming, dtype)
+            write_safetensors(path, sd, {**meta, "sshs_model_hash": data_hash(sd)}, overwrite=True)
         else:
-            sd = lycoris_state_dict(modules, naming, layout, dtype)
-            header = (
-                dict(meta) if layout == KOHYA else {"format": "pt", "sdcompress_training": json.dumps(meta)}
-            )
-            if layout == KOHYA:
-                header["sshs_model_hash"] = data_hash(sd)
-            write_safetensors(path, sd, header, overwrite=True)
+            raise SdcError("LoHa / LoKr adapters are written in the kohya layout only; use --format kohya.")
         files.append(path)
     return files
 

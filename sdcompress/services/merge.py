@@ -33,6 +33,7 @@ from sdcompress.lowrank.layouts import (
     Adapter,
     LoraFile,
     LoraModule,
+    derived_metadata,
     read_lora,
     resolve,
     shape_factors,
@@ -387,10 +388,13 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
         modules, naming = merge_lora_files(
             loras, request.rank, out_dtype=None if request.allow_nonfinite else dtype
         )
-        meta = {
-            "ss_network_module": "networks.lora",
-            "sdcompress.merged_from": ", ".join(r.path for r in request.loras),
-        }
+        # the family keys (A1111 hides an SDXL LoRA labelled SD 1 on SDXL) are kept, as kohya's resize does
+        meta = derived_metadata(
+            [lora.metadata for lora, _ in loras],
+            title=Path(request.output).stem,
+            family=get_family("sdxl" if naming.sdxl else "sd1"),
+        )
+        meta["sdcompress.merged_from"] = ", ".join(r.path for r in request.loras)
         write_lora(request.output, modules, naming, fmt=request.format or KOHYA, dtype=dtype, metadata=meta,
                    overwrite=request.overwrite)  # fmt: skip
         return MergeResult(request.output, "lora", 3 * len(modules), len(modules))
