@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sdcompress.errors import SdcError
-from sdcompress.services.distill import RUN_RECORD, DistillRequest, distill
+from sdcompress.hub.lineage import RUN_RECORD
+from sdcompress.services.distill import DistillRequest, distill
 from sdcompress.training.data import DataConfig
 from sdcompress.training.demo_data import write_demo_dataset
 from sdcompress.training.distill_task import DistillTask

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sdcompress.services.distill import RUN_RECORD
+from sdcompress.hub.lineage import RUN_RECORD
 
 SCRIPT = textwrap.dedent(
     """

@@ -16,9 +16,9 @@ from sdcompress.arch.presets import preset_config
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.errors import SdcError
 from sdcompress.prune.mapping import key_map, prefix_table, student_shapes, student_state_dict
-from sdcompress.prune.selection import greedy_drop, kept_blocks, positional_cost
+from sdcompress.prune.plan import choose_blocks, plan_structure, student_config
 from sdcompress.prune.surgery import parse_depths
-from sdcompress.services.prune import RECORD_FILE, PruneRequest, plan_structure, prune
+from sdcompress.services.prune import RECORD_FILE, PruneRequest, prune
 
 COUNTS = [
     ("sd1", "bk-base", 579_384_964), ("sd1", "bk-small", 482_346_884), ("sd1", "bk-tiny", 323_384_964),
@@ -32,18 +32,9 @@ FAST = {"calibration_samples": 2, "calibration_size": 32, "batch_size": 2}
 def _student_on_meta(family: str, **options):
     """Plan and build a student from a full-size meta teacher (positional choice: no weights needed)."""
     model = meta_model(family, unet_only=True)
-    plan = plan_structure(model, PruneRequest(teacher=family, output="unused", **options))
-    depths = plan.depths
-    if plan.drop:
-        depths = greedy_drop(model.configs["unet"], plan.skeleton, depths, plan.drop, positional_cost)
-    kept = {
-        s.student: kept_blocks(s, depths[s.student], "last", None)
-        for s in plan.skeleton.stacks()
-        if depths[s.student]
-    }
-    from sdcompress.prune.surgery import student_config
-
-    config = plan.config or student_config(model.configs["unet"], plan.skeleton, depths)
+    plan = plan_structure(model, **options)
+    depths, kept = choose_blocks(model.configs["unet"], plan, "last", None)
+    config = student_config(model.configs["unet"], plan, depths)
     shapes = student_shapes(config)
     mapping = key_map(shapes, prefix_table(plan.skeleton, kept))
     return config, student_state_dict(model.components["unet"], shapes, mapping), mapping

@@ -14,16 +14,63 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sdcompress import __version__
+
+if TYPE_CHECKING:
+    from sdcompress.training.task import TrainingSummary
 
 PRUNE_RECORD = "sdcompress_prune.json"
 RUN_RECORD = "sdcompress_run.json"
+MAX_CURVE_POINTS = 500
 METADATA_KEYS = {"prune": "sdcompress.prune", "run": "sdcompress.run"}
 
 # Where a sample grid may sit in a model folder, most specific first; the
 # training loop saves its validation grids as validation/step-NNNNNNNN.png.
 GRID_NAMES = ("sample_grid.png", "samples.png", "grid.png")
 GRID_FOLDERS = ("validation", "samples")
+
+
+def loss_curve(history: list[dict[str, float]], points: int = MAX_CURVE_POINTS) -> list[dict[str, float]]:
+    """At most `points` evenly spaced entries of the history, always keeping the last step."""
+    if len(history) <= points:
+        return list(history)
+    stride = len(history) / points
+    picked = [history[int(i * stride)] for i in range(points)]
+    if picked[-1] is not history[-1]:
+        picked[-1] = history[-1]
+    return picked
+
+
+def run_record(
+    command: str, *, family: str, preset: str | None, summary: TrainingSummary, **fields: Any
+) -> dict[str, Any]:
+    """The one schema of `sdcompress_run.json`, written by every training command.
+
+    Provenance and the training summary are the same keys for all commands;
+    `fields` are the command's own (`teacher` and `student` for distill,
+    `base_model` for finetune and lora train, adapter settings...). `push`
+    reads the record back into a model card (`Lineage`).
+    """
+    return {
+        "tool": "sdcompress",
+        "version": __version__,
+        "command": command,
+        "family": family,
+        "preset": preset,
+        **fields,
+        "steps": summary.steps,
+        "epoch": summary.epoch,
+        "options": summary.options,
+        "data": summary.data,
+        "loss_curve": loss_curve(summary.loss_history),
+    }
+
+
+def run_record_file(record: dict[str, Any]) -> dict[str, str]:
+    """The record as an extra file for the writers (`extra_files=`), published with the output."""
+    return {RUN_RECORD: json.dumps(record, indent=2, default=str) + "\n"}
 
 
 @dataclass

@@ -22,8 +22,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sdcompress.checkpoint.keymap.unet import layout_from_diffusers_keys, to_single_file_names
+
+if TYPE_CHECKING:
+    from sdcompress.checkpoint.model import Model
 
 UNET = "unet"
 TE = "text_encoder"
@@ -159,3 +163,8 @@ class Naming:
         if component != UNET:
             path = canonical_te_path(path)
         return self._by_path.get((component, path))
+
+
+def naming_for(model: Model) -> Naming:
+    """The module names of a loaded model, in every LoRA layout."""
+    return Naming({c: list(sd) for c, sd in model.components.items()}, sdxl=model.family.is_sdxl)

@@ -65,7 +65,7 @@ def compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype
     return model_dtype
 
 
-def _unet_dtype(model: Model) -> torch.dtype:
+def unet_dtype(model: Model) -> torch.dtype:
     return next(t.dtype for t in model.components["unet"].values() if t.dtype.is_floating_point)
 
 
@@ -225,5 +225,5 @@ def shared_student(teacher: torch.nn.Module, config: Config, mapping: dict[str, 
 def load_teacher_unet(model: Model, device: torch.device) -> tuple[torch.nn.Module, torch.dtype]:
     from sdcompress.checkpoint.instantiate import build_module
 
-    dtype = compute_dtype(_unet_dtype(model), device)
+    dtype = compute_dtype(unet_dtype(model), device)
     return build_module(model, "unet", dtype=dtype, device=str(device)), dtype

@@ -10,24 +10,21 @@ turns into a model card.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from sdcompress import __version__
 from sdcompress.checkpoint.atomic import check_output
 from sdcompress.errors import SdcError
-from sdcompress.training.data import DataConfig, model_bucket_step
+from sdcompress.hub.lineage import run_record as lineage_record
+from sdcompress.hub.lineage import run_record_file
+from sdcompress.services.finetune import TrainingRunResult, fit_data, run_training, save_dtype
+from sdcompress.training.data import DataConfig
 from sdcompress.training.distill_task import DistillTask, DistillWeights
-from sdcompress.training.engine import ProgressCallback, TrainConfig, TrainResult, train
+from sdcompress.training.engine import ProgressCallback, TrainConfig
 from sdcompress.training.features import FeaturePair, check_compatible, pair_features
 from sdcompress.training.task import DiffusionParts, LossConfig, TrainingSummary
-
-RUN_RECORD = "sdcompress_run.json"
-MAX_CURVE_POINTS = 500
 
 
 @dataclass(frozen=True)
@@ -48,36 +45,15 @@ class DistillRequest:
 
 
 @dataclass
-class DistillResult:
-    output: Path | None
-    work_dir: Path
-    steps: int
-    max_steps: int
-    interrupted: bool
-    resumed_from: Path | None
-    last_checkpoint: Path | None
-    feature_pairs: list[FeaturePair]
-    first_losses: dict[str, float]
-    last_losses: dict[str, float]
-    data: dict[str, Any]
-    seconds: float
-    validation_images: list[Path] = field(default_factory=list)
+class DistillResult(TrainingRunResult):
+    """How a distillation ended: the shared training result plus the feature pairs it matched."""
+
+    feature_pairs: list[FeaturePair] = field(default_factory=list)
 
 
 def default_work_dir(output: Path) -> Path:
     """Checkpoints, validation grids and logs live beside the output, so the output itself stays atomic."""
     return output.with_name(output.name + ".train")
-
-
-def loss_curve(history: list[dict[str, float]], points: int = MAX_CURVE_POINTS) -> list[dict[str, float]]:
-    """At most `points` evenly spaced entries of the history, always keeping the last step."""
-    if len(history) <= points:
-        return list(history)
-    stride = len(history) / points
-    picked = [history[int(i * stride)] for i in range(points)]
-    if picked[-1] is not history[-1]:
-        picked[-1] = history[-1]
-    return picked
 
 
 def run_record(
@@ -87,37 +63,22 @@ def run_record(
     from sdcompress.arch.count import count_unet_config
     from sdcompress.arch.presets import match_preset
 
-    return {
-        "tool": "sdcompress",
-        "version": __version__,
-        "command": "distill",
-        "teacher": request.teacher,
-        "teacher_family": teacher.family.name,
-        "student": request.student,
-        "preset": match_preset(student_config, teacher.family),
-        "student_unet_parameters": count_unet_config(student_config),
-        "teacher_unet_parameters": count_unet_config(teacher.configs["unet"]),
-        "steps": summary.steps,
-        "epoch": summary.epoch,
-        "loss_weights": asdict(request.weights),
-        "features": request.features,
-        "feature_norm": request.feature_norm,
-        "feature_pairs": [p.to_dict() for p in pairs],
-        "snr_gamma": request.loss.snr_gamma,
-        "noise_offset": request.loss.noise.offset,
-        "options": summary.options,
-        "data": summary.data,
-        "loss_curve": loss_curve(summary.loss_history),
-    }
-
-
-def _save_dtype(request: DistillRequest, teacher) -> torch.dtype | None:
-    from sdcompress.choices import resolve_dtype
-
-    if request.save_dtype:
-        return resolve_dtype(request.save_dtype)
-    first = next(iter(teacher.components["unet"].values()), None)
-    return None if first is None else first.dtype
+    return lineage_record(
+        "distill",
+        family=teacher.family.name,
+        preset=match_preset(student_config, teacher.family),
+        summary=summary,
+        teacher=request.teacher,
+        student=request.student,
+        student_unet_parameters=count_unet_config(student_config),
+        teacher_unet_parameters=count_unet_config(teacher.configs["unet"]),
+        loss_weights=asdict(request.weights),
+        features=request.features,
+        feature_norm=request.feature_norm,
+        feature_pairs=[p.to_dict() for p in pairs],
+        snr_gamma=request.loss.snr_gamma,
+        noise_offset=request.loss.noise.offset,
+    )
 
 
 def _load(request: DistillRequest):
@@ -145,29 +106,19 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     output = check_output(request.output, overwrite=request.train.overwrite, inputs=inputs, kind="dir")
     request.train.validate()
     teacher, student = _load(request)
-    data = replace(
-        request.data,
-        resolution=request.data.resolution or teacher.family.resolution,
-        bucket_step=model_bucket_step(teacher.configs["vae"], student.configs["unet"]),
-    )
-    data.validate()
-    if data.resolution % data.bucket_step:
-        raise SdcError(
-            f"--resolution {data.resolution} does not fit this model; use a multiple of {data.bucket_step}."
-        )
+    data = fit_data(request.data, teacher, student.configs["unet"])
     pipe = build_pipeline(teacher, dtype=torch.float32)
     student_unet = build_module(student, "unet", dtype=torch.float32)
     pairs = pair_features(student_unet, pipe.unet, request.features, request.teacher)
     parts = DiffusionParts.from_pipeline(pipe)
     teacher_unet, parts.unet = parts.unet, student_unet
-    save_dtype = _save_dtype(request, teacher)
+    dtype = save_dtype(request.save_dtype, teacher)
 
     def save(unet: torch.nn.Module, out: Path, summary: TrainingSummary) -> None:
         weights = lazy_state_dict({k: v.detach().cpu() for k, v in unet.state_dict().items()})
         model = teacher.with_unet(weights, dict(student.configs["unet"]))
         record = run_record(request, teacher, student.configs["unet"], pairs, summary)
-        extra = {RUN_RECORD: json.dumps(record, indent=2, default=str) + "\n"}
-        save_diffusers(model, out, dtype=save_dtype, overwrite=True, extra_files=extra)
+        save_diffusers(model, out, dtype=dtype, overwrite=True, extra_files=run_record_file(record))
 
     task = DistillTask(
         parts,
@@ -178,25 +129,8 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
         feature_norm=request.feature_norm,
         saver=save,
     )
-    config = replace(request.train, output_dir=output)
     try:
-        result: TrainResult = train(task, config, data, progress)
+        result = run_training(task, replace(request.train, output_dir=output), data, progress)
     finally:
         task.close()
-    history = result.loss_history
-    terms = lambda entry: {k: v for k, v in entry.items() if k not in ("step", "lr")}  # noqa: E731
-    return DistillResult(
-        output=result.output_dir,
-        work_dir=config.work_dir,
-        steps=result.steps,
-        max_steps=result.max_steps,
-        interrupted=result.interrupted,
-        resumed_from=result.resumed_from,
-        last_checkpoint=result.last_checkpoint,
-        feature_pairs=pairs,
-        first_losses=terms(history[0]) if history else {},
-        last_losses=terms(history[-1]) if history else {},
-        data=result.data.to_dict(),
-        seconds=result.seconds,
-        validation_images=result.validation_images,
-    )
+    return DistillResult(**vars(result), feature_pairs=pairs)

@@ -9,18 +9,18 @@ written by the project's diffusers writer, plus `sdcompress_run.json`; with
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdcompress import __version__
+from sdcompress.arch.families import Config
 from sdcompress.checkpoint.atomic import check_output
 from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.tensors import StateDict, lazy_state_dict
 from sdcompress.errors import SdcError
+from sdcompress.hub.lineage import run_record, run_record_file
 from sdcompress.training.data import DataConfig, model_bucket_step
 from sdcompress.training.engine import ProgressCallback, TrainConfig, TrainResult, train
 from sdcompress.training.finetune_task import (
@@ -31,7 +31,6 @@ from sdcompress.training.finetune_task import (
 )
 from sdcompress.training.task import DiffusionParts, LossConfig, TrainingSummary
 
-RUN_RECORD = "sdcompress_run.json"
 SINGLE_FILE = "model.safetensors"
 
 
@@ -83,12 +82,15 @@ def load_trainable(ref: str, allow_pickle: bool) -> Model:
     return model
 
 
-def fit_data(data: DataConfig, model: Model) -> DataConfig:
-    """The data settings with the model's default resolution and bucket step, checked."""
+def fit_data(data: DataConfig, model: Model, unet_config: Config | None = None) -> DataConfig:
+    """The data settings with the model's default resolution and bucket step, checked.
+
+    `unet_config` is the U-Net that trains when it is not the model's own (distill's student).
+    """
     data = replace(
         data,
         resolution=data.resolution or model.family.resolution,
-        bucket_step=model_bucket_step(model.configs["vae"], model.configs["unet"]),
+        bucket_step=model_bucket_step(model.configs["vae"], unet_config or model.configs["unet"]),
     )
     data.validate()
     if data.resolution % data.bucket_step:
@@ -139,28 +141,16 @@ def run_training(
 
 
 def base_record(command: str, model: Model, ref: str, summary: TrainingSummary) -> dict[str, Any]:
-    from sdcompress.services.distill import loss_curve
-
-    return {
-        "tool": "sdcompress",
-        "version": __version__,
-        "command": command,
-        "base_model": ref,
-        "family": model.family.name,
-        "preset": model.preset,
-        "steps": summary.steps,
-        "epoch": summary.epoch,
-        "options": summary.options,
-        "data": summary.data,
-        "loss_curve": loss_curve(summary.loss_history),
-    }
+    """The run record of a training that starts from `model` (finetune, lora train)."""
+    return run_record(command, family=model.family.name, preset=model.preset, summary=summary, base_model=ref)
 
 
-def _save_dtype(request: FinetuneRequest, model: Model) -> torch.dtype | None:
+def save_dtype(requested: str | None, model: Model) -> torch.dtype | None:
+    """The dtype to write trained weights in: the one asked for, else the U-Net's own."""
     from sdcompress.choices import resolve_dtype
 
-    if request.save_dtype:
-        return resolve_dtype(request.save_dtype)
+    if requested:
+        return resolve_dtype(requested)
     first = next(iter(model.components["unet"].values()), None)
     return None if first is None else first.dtype
 
@@ -205,7 +195,7 @@ def finetune(request: FinetuneRequest, progress: ProgressCallback | None = None)
         raise SdcError("--text-encoder-lr must be positive; fix the option and run again.")
     model = load_trainable(request.model, request.allow_pickle)
     data = fit_data(request.data, model)
-    save_dtype = _save_dtype(request, model)
+    dtype = save_dtype(request.save_dtype, model)
 
     def save(task: UNetTrainingTask, out: Path, summary: TrainingSummary) -> None:
         tuned = trained_model(model, task)
@@ -217,15 +207,15 @@ def finetune(request: FinetuneRequest, progress: ProgressCallback | None = None)
             "snr_gamma": request.loss.snr_gamma,
             "noise_offset": request.loss.noise.offset,
         }
-        extra = {RUN_RECORD: json.dumps(record, indent=2, default=str) + "\n"}
+        extra = run_record_file(record)
 
         def single_file(folder: Path) -> None:
-            save_single_file(tuned, folder / SINGLE_FILE, dtype=save_dtype)
+            save_single_file(tuned, folder / SINGLE_FILE, dtype=dtype)
 
         save_diffusers(
             tuned,
             out,
-            dtype=save_dtype,
+            dtype=dtype,
             overwrite=True,
             extra_files=extra,
             before_publish=single_file if request.save_single_file else None,

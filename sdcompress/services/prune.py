@@ -23,7 +23,7 @@ from sdcompress.arch.families import Config
 from sdcompress.arch.layout import layout_from_config
 from sdcompress.arch.presets import preset_for_family
 from sdcompress.checkpoint.atomic import check_output
-from sdcompress.checkpoint.model import Model, disk_size
+from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor
 from sdcompress.checkpoint.writers import save_diffusers
@@ -32,25 +32,9 @@ from sdcompress.errors import SdcError
 from sdcompress.prune import importance as imp
 from sdcompress.prune.flops import unet_flops
 from sdcompress.prune.mapping import key_map, prefix_table, student_shapes, student_state_dict
-from sdcompress.prune.selection import (
-    METHODS,
-    Scores,
-    block_path,
-    greedy_drop,
-    importance_cost,
-    kept_blocks,
-    max_droppable,
-    positional_cost,
-    reachable,
-)
-from sdcompress.prune.surgery import (
-    Skeleton,
-    apply_depths,
-    make_skeleton,
-    parse_depths,
-    skeleton_for_config,
-    student_config,
-)
+from sdcompress.prune.plan import candidates as block_candidates
+from sdcompress.prune.plan import choose_blocks, plan_structure, removed_blocks, student_config
+from sdcompress.prune.selection import METHODS, Scores
 
 RECORD_FILE = "sdcompress_prune.json"
 Progress = Callable[[str, int, int], None]
@@ -104,99 +88,6 @@ class PruneResult:
         return asdict(self)
 
 
-@dataclass
-class Plan:
-    skeleton: Skeleton
-    depths: dict[str, int]
-    drop: int
-    config: Config | None  # the published config for presets; None: derive from the layout
-
-
-def _surgery_requested(req: PruneRequest) -> bool:
-    return any(
-        x is not None for x in (req.drop_transformer_blocks, req.layers_per_block, req.mid_block, req.depths)
-    )
-
-
-def plan_structure(model: Model, req: PruneRequest) -> Plan:
-    """Skeleton and starting depths from a preset or from the surgery options (no weights read)."""
-    teacher_cfg = model.configs["unet"]
-    if req.preset is not None:
-        if _surgery_requested(req):
-            raise SdcError(
-                "--preset fixes the whole layout; drop --drop-transformer-blocks, --layers-per-block, "
-                "--mid-block and --depths, or drop --preset."
-            )
-        cfg = preset_for_family(req.preset, model.family).student_config(teacher_cfg)
-        skeleton, depths = skeleton_for_config(teacher_cfg, cfg)
-        return Plan(skeleton, depths, 0, cfg)
-    if not _surgery_requested(req):
-        raise SdcError(
-            "nothing to prune; give --preset, --drop-transformer-blocks N, --layers-per-block, --mid-block or --depths."
-        )
-    spec = parse_depths(req.depths) if req.depths is not None else {}
-    mid = req.mid_block or "keep"
-    if spec.get("mid") == [0]:
-        if req.mid_block not in (None, "resnet"):
-            raise SdcError(
-                f"--depths mid=0 means --mid-block resnet, which contradicts --mid-block {req.mid_block}."
-            )
-        mid = "resnet"
-    skeleton = make_skeleton(model.unet_layout, layers_per_block=req.layers_per_block, mid=mid)
-    depths = apply_depths(skeleton, spec)
-    student_config(teacher_cfg, skeleton, depths)  # raises a clear error for a layout diffusers cannot build
-    drop = req.drop_transformer_blocks or 0
-    if drop < 0:
-        raise SdcError("--drop-transformer-blocks must be a positive number.")
-    if drop:
-        available = max_droppable(teacher_cfg, skeleton, depths)
-        if drop > available:
-            raise SdcError(
-                f"--drop-transformer-blocks {drop} is more than this student can lose: at most {available} of its "
-                f"{sum(depths.values())} transformer blocks can go (every attention stack keeps at least one)."
-            )
-        if not reachable(skeleton, depths, drop):
-            raise SdcError(
-                f"--drop-transformer-blocks {drop} cannot be met exactly: blocks here go one per stack, two at a time "
-                "for the mid block, or a whole level's attention at once; choose a nearby number."
-            )
-    return Plan(skeleton, depths, drop, None)
-
-
-def _candidates(plan: Plan) -> list[str]:
-    """Teacher blocks whose fate is a choice (their stack is cut, or may be cut by --drop-transformer-blocks)."""
-    out = []
-    for s in plan.skeleton.stacks():
-        depth = plan.depths[s.student]
-        if depth > 0 and (plan.drop or depth < s.teacher_depth):
-            out += [block_path(s.teacher, j) for j in range(s.teacher_depth)]
-    return out
-
-
-def _removed(
-    model: Model, plan: Plan, kept: dict[str, tuple[int, ...]], scores: Scores
-) -> list[dict[str, Any]]:
-    by_teacher: dict[str, set[int]] = {}
-    chosen = {s.teacher for s in plan.skeleton.stacks() if plan.depths[s.student] > 0}
-    sources = {s.student: s.teacher for s in plan.skeleton.stacks()}
-    for student, blocks in kept.items():
-        by_teacher.setdefault(sources[student], set()).update(blocks)
-    out = []
-    for stack, depth in model.unet_layout.attention_stacks():
-        for j in range(depth):
-            if j in by_teacher.get(stack, set()):
-                continue
-            path = block_path(stack, j)
-            out.append(
-                {
-                    "block": path,
-                    "score": scores.get(path),
-                    "reason": "selection" if stack in chosen else "structure",
-                }
-            )
-    return out
-
-
 def _stages(teacher: dict[str, int], student: dict[str, int]) -> list[dict[str, Any]]:
     names = list(teacher) + [s for s in student if s not in teacher]
     return [{"stage": s, "teacher": teacher.get(s, 0), "student": student.get(s, 0)} for s in names]
@@ -216,8 +107,15 @@ def prune(
     if model.path is not None and out.resolve() == Path(model.path).resolve():
         raise SdcError("the output is the teacher; choose another output path (inputs are never modified).")
     teacher_cfg = model.configs["unet"]
-    plan = plan_structure(model, req)
-    candidates = _candidates(plan)
+    plan = plan_structure(
+        model,
+        preset=req.preset,
+        drop_transformer_blocks=req.drop_transformer_blocks,
+        layers_per_block=req.layers_per_block,
+        mid_block=req.mid_block,
+        depths=req.depths,
+    )
+    candidates = block_candidates(plan)
     scoring = req.select == "importance" and bool(candidates)
     notes = list(model.notes)
     scores: Scores = {}
@@ -232,7 +130,7 @@ def prune(
         if latent < 8:
             raise SdcError("--calibration-size is too small; give at least 64 pixels.")
         prompts = imp.read_prompts(req.prompts)
-        te_dtype = imp.compute_dtype(imp._unet_dtype(model), device)
+        te_dtype = imp.compute_dtype(imp.unet_dtype(model), device)
         if progress:
             progress("encoding prompts", 0, 1)
         embeds = imp.encode(model, prompts, device, te_dtype)
@@ -248,7 +146,7 @@ def prune(
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
         }
-        if dtype != imp._unet_dtype(model):
+        if dtype != imp.unet_dtype(model):
             notes.append(
                 f"scored in {calib_info['dtype']} ({device.type} has no fast kernels for the teacher's dtype)"
             )
@@ -256,17 +154,9 @@ def prune(
             scores = imp.score_blocks(
                 teacher_unet, score_set, candidates, batch_size=req.batch_size, progress=progress
             )
-    depths = plan.depths
-    if plan.drop:
-        cost = importance_cost(scores) if scoring else positional_cost
-        depths = greedy_drop(teacher_cfg, plan.skeleton, depths, plan.drop, cost)
     method = req.select
-    kept = {
-        s.student: kept_blocks(s, depths[s.student], method, scores)
-        for s in plan.skeleton.stacks()
-        if depths[s.student] > 0
-    }
-    config = plan.config or student_config(teacher_cfg, plan.skeleton, depths)
+    depths, kept = choose_blocks(teacher_cfg, plan, method, scores)
+    config = student_config(teacher_cfg, plan, depths)
     if layout_from_config(config) != plan.skeleton.layout(depths):
         raise AssertionError("the student config does not describe the planned layout")
     shapes = student_shapes(config)
@@ -286,7 +176,7 @@ def prune(
 
     teacher_stages = count_by_stage(model.components["unet"])
     student_stages = count_by_stage(student_sd)
-    removed = _removed(model, plan, kept, scores)
+    removed = removed_blocks(model, plan, kept, scores)
     sources = {s.student: s.teacher for s in plan.skeleton.stacks()}
     preset_name = req.preset and preset_for_family(req.preset, model.family).name
     result = PruneResult(
