@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdcompress.checkpoint.atomic import check_output
-from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.extract import Extraction, ExtractOptions, LayerResult, extract
 from sdcompress.lowrank.layouts import KOHYA, PEFT, kohya_metadata, parse_formats, write_lora
-from sdcompress.lowrank.targets import Naming
+from sdcompress.lowrank.targets import naming_for
 
 
 @dataclass
@@ -63,10 +62,6 @@ class ExtractResult:
     retained: float
     family: str
     files: list[str] = field(default_factory=list)  # every file written, OUTPUT first
-
-
-def naming_for(model: Model) -> Naming:
-    return Naming({c: list(sd) for c, sd in model.components.items()}, sdxl=model.family.is_sdxl)
 
 
 def summarize(layers: list[LayerResult]) -> list[BlockSummary]:

@@ -31,7 +31,8 @@ from sdcompress.lowrank.layouts import (
     resolve,
     write_lora,
 )
-from sdcompress.services.merge import naming_for, skeleton_naming
+from sdcompress.lowrank.targets import naming_for
+from sdcompress.services.merge import skeleton_naming
 
 if TYPE_CHECKING:
     from sdcompress.services.convert import ConvertRequest

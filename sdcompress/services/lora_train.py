@@ -23,6 +23,7 @@ from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.safetensors_io import write_safetensors
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.errors import SdcError
+from sdcompress.hub.lineage import run_record_file
 from sdcompress.lowrank.layouts import (
     KOHYA,
     PEFT,
@@ -32,7 +33,7 @@ from sdcompress.lowrank.layouts import (
     parse_formats,
     write_lora,
 )
-from sdcompress.lowrank.targets import COMPONENTS, Naming
+from sdcompress.lowrank.targets import COMPONENTS, Naming, naming_for
 from sdcompress.services.finetune import (
     TrainingRunResult,
     base_record,
@@ -49,7 +50,6 @@ from sdcompress.training.finetune_task import count_images, generate_class_image
 from sdcompress.training.lora_task import AdapterSpec, LoraTrainTask, LycorisModule
 from sdcompress.training.task import DiffusionParts, LossConfig, TrainingSummary
 
-RUN_RECORD = "sdcompress_run.json"
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -134,10 +134,6 @@ def ensure_class_images(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return folder, len(made)
-
-
-def naming_for(model: Model) -> Naming:
-    return Naming({c: list(sd) for c, sd in model.components.items()}, sdxl=model.family.is_sdxl)
 
 
 def training_metadata(
@@ -280,7 +276,8 @@ def lora_train(request: LoraTrainRequest, progress: ProgressCallback | None = No
             ),
             "files": [f.name for f in files],
         }
-        (out / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        for name, text in run_record_file(record).items():
+            (out / name).write_text(text, encoding="utf-8")
         written[:] = [output / f.name for f in files]
 
     task = LoraTrainTask(

@@ -41,7 +41,7 @@ from sdcompress.lowrank.layouts import (
 )
 from sdcompress.lowrank.merge_math import get_method, lora_delta
 from sdcompress.lowrank.svd import low_rank
-from sdcompress.lowrank.targets import Naming, Target
+from sdcompress.lowrank.targets import Naming, Target, naming_for
 
 Progress = Callable[[str, int, int], None]
 
@@ -125,10 +125,6 @@ class MergeResult:
 
 
 # ----- LoRA into a checkpoint ---------------------------------------------------------------------
-
-
-def naming_for(model: Model) -> Naming:
-    return Naming({c: list(sd) for c, sd in model.components.items()}, sdxl=model.family.is_sdxl)
 
 
 def _check_family(lora: LoraFile, model: Model) -> None:
