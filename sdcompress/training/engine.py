@@ -221,6 +221,9 @@ class _Loop:
             torch.backends.cudnn.allow_tf32 = True
         with acc.main_process_first():
             self.dataset, self.stats = build_dataset(self.data_config, config.seed)
+        check_data = getattr(self.task, "check_dataset", None)  # prepared data must fit the model
+        if check_data is not None:
+            check_data(self.dataset)
         self.rank, self.world = acc.process_index, acc.num_processes
         first = rank_batches(
             epoch_batches(self.dataset.targets, config.batch_size, config.seed, 0), 0, self.world

@@ -159,6 +159,12 @@ class DiffusionTask:
         for encoder in self.parts.text_encoders:
             encoder.requires_grad_(train_text_encoders)
 
+    def check_dataset(self, dataset) -> None:
+        """Before the first step: a prepared dataset must hold this U-Net's kind of latents and embeddings."""
+        conditioning = getattr(getattr(dataset, "index", None), "conditioning", None)
+        if conditioning is not None:
+            check_prepared(conditioning, self.parts)
+
     def enable_gradient_checkpointing(self) -> None:
         self.parts.unet.enable_gradient_checkpointing()
         if self.train_text_encoders:
@@ -185,7 +191,6 @@ class DiffusionTask:
         A batch from a prepared dataset already holds them (`latents`); the VAE does not run.
         """
         if "latents" in batch:
-            check_prepared_batch(batch, self.parts)
             return batch["latents"].to(self.device, torch.float32)
         indices = batch["index"].tolist()
         if self.loss_config.cache_latents and all(i in self._latent_cache for i in indices):
@@ -250,22 +255,25 @@ def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return ((latents - shift) * vae.config.scaling_factor).float().contiguous()
 
 
-def check_prepared_batch(batch: dict[str, Any], parts: DiffusionParts) -> None:
-    """Refuse prepared data encoded for another family: its latents or embeddings do not fit this U-Net."""
+def check_prepared(conditioning: dict[str, Any], parts: DiffusionParts) -> None:
+    """Refuse prepared data encoded for another family: its latents or embeddings do not fit this U-Net.
+
+    `conditioning` is what the dataset's index records: latent channels, text width, pooled width.
+    """
     config = parts.unet.config
-    width = batch["prompt_embeds"].shape[-1]
-    has_pooled = "pooled" in batch
+    width, channels = conditioning["text_dim"], conditioning["latent_channels"]
+    has_pooled = conditioning.get("pooled_dim") is not None
     wants_pooled = getattr(config, "addition_embed_type", None) == "text_time"
-    channels = batch["latents"].shape[1]
     if width != config.cross_attention_dim or has_pooled != wants_pooled or channels != config.in_channels:
+        family = conditioning.get("family", "another model")
         made = f"text embeddings {width} wide{' + pooled' if has_pooled else ''}, {channels}-channel latents"
         needs = (
             f"{config.cross_attention_dim} wide{' + pooled' if wants_pooled else ''}, "
             f"{config.in_channels}-channel latents"
         )
         raise SdcError(
-            f"the prepared dataset was encoded for another model family ({made}) and this U-Net needs "
-            f"{needs}; prepare the data again with --model set to this model or its teacher."
+            f"the prepared dataset was encoded for another model family ({family}: {made}) and this U-Net "
+            f"needs {needs}; prepare the data again with --model set to this model or its teacher."
         )
 
 
