@@ -189,3 +189,63 @@ def test_extract_lora_writes_both_layouts_with_the_same_update(cli, tmp_path):
     for key, lt in a.components["unet"].items():
         torch.testing.assert_close(lt.load(), b.components["unet"][key].load())
     assert cli("extract-lora", bp, tp, "-o", tmp_path / "m.safetensors", "--format", "kohya,x").code == 2
+
+
+def _sdxl_lora(path, seed: int, rank: int) -> None:
+    """A small kohya LoRA with SGM names for SDXL attention modules and the family metadata a trainer writes."""
+    from sdcompress.checkpoint.tiny import tiny_model
+
+    model = tiny_model("tiny-sdxl")
+    naming = Naming({c: list(sd) for c, sd in model.components.items()}, sdxl=True)
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    for component, key, lt in [
+        (c, k, t) for c in ("unet", "text_encoder_2") for k, t in model.components[c].items()
+    ]:
+        if key.endswith(("attn1.to_q.weight", "attn2.to_v.weight", "mlp.fc1.weight")):
+            out_dim, in_dim = lt.shape
+            mods.append(
+                LoraModule(
+                    Target(component, key.removesuffix(".weight")),
+                    torch.randn(out_dim, rank, generator=g),
+                    torch.randn(rank, in_dim, generator=g),
+                    float(rank),
+                )
+            )
+    meta = kohya_metadata(
+        family=get_family("sdxl"), title="x", rank=rank, conv_rank=None, alpha=rank, prediction_type="epsilon",
+        resolution=1024,
+    )  # fmt: skip
+    write_lora(path, mods, naming, fmt="kohya", dtype=torch.float16, metadata=meta)
+
+
+def test_merged_resized_and_converted_sdxl_loras_stay_sdxl_for_a1111(tmp_path):
+    from sdcompress.services.lora_convert import convert_lora
+    from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    _sdxl_lora(a, 0, 4)
+    _sdxl_lora(b, 1, 2)
+    outputs = {
+        "merged": MergeRequest(models=[], output=str(tmp_path / "m.safetensors"), loras=[LoraRef(str(a), 1.0), LoraRef(str(b), 0.5)]),
+        "resized": MergeRequest(models=[], output=str(tmp_path / "r.safetensors"), loras=[LoraRef(str(a), 1.0)], rank=2),
+    }  # fmt: skip
+    for what, request in outputs.items():
+        run_merge(request)
+        meta = SafetensorsFile(request.output).metadata
+        assert _a1111_version(meta) == "SDXL", what
+        assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora", what
+    resized = SafetensorsFile(tmp_path / "r.safetensors").metadata
+    assert resized["ss_network_dim"] == "2" and resized["ss_network_alpha"] == "2"
+    merged = SafetensorsFile(tmp_path / "m.safetensors").metadata
+    assert merged["ss_network_dim"] == "6"  # ranks 4 + 2 concatenated
+    # kohya -> PEFT (no family keys survive in a PEFT file from elsewhere) -> kohya
+    convert_lora(a, tmp_path / "p.safetensors", "peft")
+    peft = tmp_path / "p.safetensors"
+    bare = tmp_path / "bare.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(peft), bare, metadata={"format": "pt"})  # a PEFT file as diffusers' trainers write it
+    convert_lora(bare, tmp_path / "k.safetensors", "kohya")
+    meta = SafetensorsFile(tmp_path / "k.safetensors").metadata
+    assert _a1111_version(meta) == "SDXL" and meta["modelspec.architecture"].startswith("stable-diffusion-xl")
