@@ -224,3 +224,95 @@ def test_existing_output_is_refused_untouched(tmp_path, cli):
     r = cli("prune", "--teacher", "tiny-sd", "--preset", "bk-base", "-o", out)
     assert r.code == 2 and "already exists" in r.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# ---------------------------------------------------------------------------- cost, defaults, progress (16.7)
+
+
+def test_cpu_defaults_keep_a_tiny_model_within_the_budget_and_a_gpu_keeps_full_resolution():
+    from sdcompress.prune import importance as imp
+
+    model = load_model("tiny-sdxl")
+    blocks = len(_candidates_of(model, "ssd-1b"))
+    cpu = imp.scoring_plan(
+        model, blocks=blocks, evaluate=False, device=torch.device("cpu"), samples=None, size=None
+    )
+    assert cpu.defaulted and cpu.samples == imp.CPU_SAMPLES
+    assert cpu.size < model.family.resolution and cpu.flops <= imp.CPU_FLOP_BUDGET and not cpu.gpu_work
+    assert cpu.passes == blocks + 1 and cpu.forwards == (blocks + 1) * cpu.samples
+    # the default that took 5 minutes: 8 samples at the family's resolution, 7x the budget
+    old = imp.scoring_plan(
+        model, blocks=blocks, evaluate=False, device=torch.device("cpu"), samples=8, size=64
+    )
+    assert old.flops > 5 * imp.CPU_FLOP_BUDGET and not old.defaulted
+    gpu = imp.scoring_plan(
+        model, blocks=blocks, evaluate=True, device=torch.device("cuda"), samples=None, size=None
+    )
+    assert (gpu.samples, gpu.size, gpu.passes) == (imp.GPU_SAMPLES, model.family.resolution, blocks + 3)
+
+
+def _candidates_of(model, preset):
+    from sdcompress.prune.plan import candidates
+
+    return candidates(plan_structure(model, preset=preset))
+
+
+def test_full_size_on_a_cpu_is_flagged_as_gpu_work_and_the_cli_says_how_to_make_it_cheaper(capsys):
+    from sdcompress.cli.prune import announce
+    from sdcompress.prune import importance as imp
+
+    model = meta_model("sdxl", unet_only=True)
+    blocks = len(_candidates_of(model, "ssd-1b"))
+    plan = imp.scoring_plan(
+        model, blocks=blocks, evaluate=False, device=torch.device("cpu"), samples=None, size=None
+    )
+    assert plan.gpu_work and plan.size == model.family.resolution // 4
+    announce(plan)
+    text = " ".join(capsys.readouterr().err.split())
+    assert f"{plan.passes} U-Net passes" in text and f"x {plan.samples} samples at {plan.size} px" in text
+    assert "GPU work" in text and "hours on a CPU" in text
+    for option in ("--calibration-size", "--calibration-samples", "--select uniform"):
+        assert option in text
+    tiny = imp.scoring_plan(
+        load_model("tiny-sdxl"),
+        blocks=blocks,
+        evaluate=False,
+        device=torch.device("cpu"),
+        samples=None,
+        size=None,
+    )
+    announce(tiny)
+    assert "GPU work" not in capsys.readouterr().err
+
+
+def test_scoring_reports_batches_and_the_plan_before_it_starts(tmp_path):
+    events, plans = [], []
+    prune(
+        PruneRequest(
+            teacher="tiny-sdxl", output=str(tmp_path / "s"), preset="ssd-1b", unet_only=True, **FAST
+        ),
+        progress=lambda stage, done, total: events.append((stage, done, total)),
+        on_plan=lambda plan: plans.append((plan, len(events))),
+    )
+    ((plan, seen_before),) = plans
+    assert seen_before == 0  # said before any work
+    scoring = [e for e in events if e[0] == "scoring blocks"]
+    total = (plan.blocks + 1) * (FAST["calibration_samples"] // FAST["batch_size"])
+    assert scoring[0] == ("scoring blocks", 0, total) and scoring[-1] == ("scoring blocks", total, total)
+    assert [d for _, d, _ in scoring] == list(range(total + 1))
+
+
+def test_redirected_stderr_gets_progress_lines_with_an_eta(tmp_path, cli, monkeypatch):
+    import sdcompress.cli.prune as cli_prune
+
+    monkeypatch.setattr(cli_prune, "LINE_EVERY_S", 0.0)
+    r = cli(
+        "prune", "--teacher", "tiny-sdxl", "--preset", "ssd-1b", "--unet-only", "-o", tmp_path / "s",
+        "--calibration-samples", "1", "--calibration-size", "32", "--batch-size", "1",
+    )  # fmt: skip
+    assert r.code == 0, r
+    err = r.stderr
+    assert re.search(r"importance scoring: \d+ U-Net passes .* x 1 samples at 32 px", " ".join(err.split()))
+    assert "scoring blocks: 0/" in err and re.search(
+        r"scoring blocks: \d+/\d+ \(\d+%\), .* elapsed, about .* left", err
+    )

@@ -2,15 +2,113 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from sdcompress.cli._options import AllowPickle, Device, Json, Output, Overwrite, OverwriteForeign
 from sdcompress.cli._output import emit_json, err, human_bytes, human_count, note, out, success, table
 from sdcompress.services.prune import PruneRequest
 from sdcompress.services.prune import prune as run_prune
+
+if TYPE_CHECKING:  # importance imports torch: the CLI loads it only when a command runs
+    from sdcompress.prune.importance import ScoringPlan
+
+
+LINE_EVERY_S = 15.0  # progress lines when stderr is not a terminal (a log file, CI)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} hours"
+
+
+def announce(plan: ScoringPlan) -> None:
+    """Say what scoring costs before it starts and, when a CPU has GPU work, how to make it cheaper."""
+    from sdcompress.prune.importance import CPU_FLOPS_PER_SECOND
+
+    what = "importance scoring" if plan.blocks else "measuring the student"
+    held_out = ", student and teacher on held-out inputs" if plan.passes > plan.blocks + 1 else ""
+    err.print(
+        f"{what}: {plan.passes} U-Net passes ({plan.blocks} blocks skipped one at a time, a reference{held_out})"
+        f" x {plan.samples} samples at {plan.size} px ({plan.latent}x{plan.latent} latents) = "
+        f"{plan.forwards} forwards, {plan.flops / 1e12:.2f} TFLOPs on {plan.device}"
+        + (" (calibration defaults for this device)" if plan.defaulted else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    if plan.gpu_work:
+        err.print(
+            f"[yellow]this is GPU work:[/yellow] about {_duration(plan.flops / CPU_FLOPS_PER_SECOND)} on a CPU. "
+            "Run it where CUDA is available, or make it cheaper: a smaller --calibration-size "
+            f"(now {plan.size}), fewer --calibration-samples (now {plan.samples}), or --select uniform "
+            "(evenly spaced blocks, no scoring).",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+class StageProgress:
+    """The service's (stage, done, total) events on stderr.
+
+    On a terminal: a rich bar with elapsed time and ETA. Otherwise (a log file, CI) rich draws
+    nothing until the end, so a plain line is printed when a stage starts and every
+    LINE_EVERY_S seconds, with the ETA of the stage so far.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.lines = enabled and not err.is_terminal
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+            disable=not enabled or self.lines,
+        )
+        self.task = self.bar.add_task("pruning", total=None)
+        self.stage, self.stage_start, self.last_line = "", 0.0, 0.0
+
+    def __enter__(self) -> StageProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if stage != self.stage:
+            self.stage, self.stage_start, self.last_line = stage, now, 0.0
+            self.bar.reset(self.task, description=stage, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+        if self.lines and (self.last_line == 0.0 or now - self.last_line >= LINE_EVERY_S):
+            self.last_line = now
+            err.print(f"{stage}: {_status(done, total, now - self.stage_start)}", highlight=False)
+
+
+def _status(done: int, total: int | None, elapsed: float) -> str:
+    if not total:
+        return f"{done}" if done else "started"
+    line = f"{done}/{total} ({100 * done / total:.0f}%), {_duration(elapsed)} elapsed"
+    if 0 < done < total:
+        line += f", about {_duration(elapsed * (total - done) / done)} left"
+    return line
 
 
 def _render(result) -> None:
@@ -116,12 +214,17 @@ def prune(
         ),
     ] = None,
     calibration_samples: Annotated[
-        int, typer.Option("--calibration-samples", help="Noisy latents to score on.")
-    ] = 8,
+        int | None,
+        typer.Option(
+            "--calibration-samples", help="Noisy latents to score on (default: 8 on a GPU, 4 on a CPU)."
+        ),
+    ] = None,
     calibration_size: Annotated[
         int | None,
         typer.Option(
-            "--calibration-size", help="Calibration image size in pixels (default: the family's resolution)."
+            "--calibration-size",
+            help="Calibration image size in pixels (default: the family's resolution on a GPU; on a CPU "
+            "smaller, down to a quarter of it, to keep scoring near half a minute).",
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch size.")] = 4,
@@ -166,24 +269,15 @@ def prune(
         overwrite=overwrite,
         allow_pickle=allow_pickle,
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=json_,
-    ) as bar:
-        task = bar.add_task("pruning", total=None)
-
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, description=stage, completed=done, total=total)
+    with StageProgress(enabled=not json_) as progress:
+        written = 0
 
         def on_tensor(name, tensor) -> None:
-            bar.update(task, description="writing", advance=1, total=None)
+            nonlocal written
+            written += 1
+            progress("writing the student", written, None)
 
-        result = run_prune(req, progress=progress, on_tensor=on_tensor)
+        result = run_prune(req, progress=progress, on_tensor=on_tensor, on_plan=announce)
     if json_:
         emit_json(result.to_dict())
         return

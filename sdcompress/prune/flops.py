@@ -17,9 +17,14 @@ from sdcompress.arch.count import meta_unet
 from sdcompress.arch.families import Config, Family
 
 
+def vae_factor(family: Family) -> int:
+    """Pixels per latent along a side (the VAE halves per level after the first)."""
+    return 2 ** (len(family.vae["block_out_channels"]) - 1)
+
+
 def latent_size(family: Family) -> int:
-    """Latent side length at the family's default resolution (the VAE halves per level after the first)."""
-    return family.resolution // 2 ** (len(family.vae["block_out_channels"]) - 1)
+    """Latent side length at the family's default resolution."""
+    return family.resolution // vae_factor(family)
 
 
 def added_cond(unet_cfg: Config, family: Family, batch: int, size: int, device: Any = None) -> dict | None:

@@ -22,7 +22,7 @@ import torch
 from sdcompress.arch.families import Config
 from sdcompress.checkpoint.model import Model
 from sdcompress.errors import SdcError
-from sdcompress.prune.flops import added_cond
+from sdcompress.prune.flops import added_cond, unet_flops, vae_factor
 
 Progress = Callable[[str, int, int], None]
 
@@ -56,6 +56,81 @@ def read_prompts(path: str | Path | None) -> list[str]:
     if not prompts:
         raise SdcError(f"--prompts {p} has no prompts; write one prompt per line.")
     return prompts
+
+
+# Calibration defaults. A GPU scores at the family's resolution. A CPU halves the size (down to a
+# quarter of it) until the whole scoring fits CPU_FLOP_BUDGET, about half a minute on two cores:
+# tiny models stay under a minute. A full-size U-Net fits at no size that still exercises its
+# attention; GPU_WORK_FLOPS (about five minutes of a CPU) is where the CLI says it is GPU work.
+GPU_SAMPLES = 8
+CPU_SAMPLES = 4
+CPU_FLOPS_PER_SECOND = 1e10  # what torch reached on U-Net shapes on a 2-core CPU (tiny-sdxl, 32 px latents)
+CPU_FLOP_BUDGET = 25 * CPU_FLOPS_PER_SECOND
+GPU_WORK_FLOPS = 300 * CPU_FLOPS_PER_SECOND
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What importance scoring (and --evaluate) will cost, known before the teacher is loaded."""
+
+    blocks: int  # teacher blocks scored (one skipped pass each)
+    passes: int  # U-Net passes over the calibration set: a reference, one per block, two with --evaluate
+    samples: int
+    size: int  # calibration image side in pixels
+    latent: int
+    flops: float  # all passes, every sample
+    device: str
+    defaulted: bool  # samples and size were chosen for this device, not given
+    gpu_work: bool  # on a CPU and too heavy for one: say how to make it cheaper
+
+    @property
+    def forwards(self) -> int:
+        return self.passes * self.samples
+
+
+def scoring_plan(
+    model: Model,
+    *,
+    blocks: int,
+    evaluate: bool,
+    device: torch.device,
+    samples: int | None,
+    size: int | None,
+) -> ScoringPlan:
+    """Calibration samples and size (the user's, or this device's defaults) and their cost in FLOPs."""
+    family, cfg = model.family, model.configs["unet"]
+    factor = vae_factor(family)
+    passes = (blocks + 1 if blocks else 0) + (2 if evaluate else 0)
+    on_cpu = device.type == "cpu"
+    n = samples or (CPU_SAMPLES if on_cpu else GPU_SAMPLES)
+    base = size or family.resolution
+    if base // factor < 8:
+        raise SdcError(f"--calibration-size is too small; give at least {8 * factor} pixels.")
+    if passes == 0:
+        return ScoringPlan(blocks, 0, n, base, base // factor, 0.0, str(device), False, False)
+
+    def cost(px: int) -> float:
+        return float(unet_flops(cfg, family, size=px // factor)) * passes * n
+
+    # A meta forward of a full-size U-Net takes seconds: count one size, scale by pixels for the
+    # search (an upper bound: attention shrinks faster than pixels), then count the chosen size.
+    at_base, px = cost(base), base
+    if size is None and on_cpu:
+        floor = max(family.resolution // 4, 8 * factor)
+        while px // 2 >= floor and at_base * (px / base) ** 2 > CPU_FLOP_BUDGET:
+            px //= 2
+    flops = at_base if px == base else cost(px)
+    return ScoringPlan(
+        blocks=blocks,
+        passes=passes,
+        samples=n,
+        size=px,
+        latent=px // factor,
+        flops=flops,
+        device=str(device),
+        defaulted=samples is None and size is None,
+        gpu_work=on_cpu and flops > GPU_WORK_FLOPS,
+    )
 
 
 def compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -180,11 +255,15 @@ def skipped(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
             vars(b).pop("forward", None)
 
 
-def predict(unet: torch.nn.Module, calib: Calibration, batch_size: int) -> list[torch.Tensor]:
+def predict(
+    unet: torch.nn.Module, calib: Calibration, batch_size: int, on_batch: Callable[[], None] | None = None
+) -> list[torch.Tensor]:
     outs = []
     with torch.no_grad():
         for sample, t, hidden, added in calib.batches(batch_size):
             outs.append(unet(sample, t, hidden, added_cond_kwargs=added, return_dict=False)[0].float())
+            if on_batch is not None:
+                on_batch()
     return outs
 
 
@@ -201,14 +280,28 @@ def score_blocks(
     batch_size: int = 4,
     progress: Progress | None = None,
 ) -> dict[str, float]:
-    """Mean squared change of the teacher's prediction when each block alone is skipped."""
-    reference = predict(unet, calib, batch_size)
-    scores = {}
-    for i, path in enumerate(blocks):
-        with skipped([unet.get_submodule(path)]):
-            scores[path] = mse(predict(unet, calib, batch_size), reference)
+    """Mean squared change of the teacher's prediction when each block alone is skipped.
+
+    Progress counts U-Net batches (the reference pass, then each block's), so the bar and its
+    ETA move within a block too on a slow device.
+    """
+    batches = -(-len(calib) // batch_size)
+    total = (len(blocks) + 1) * batches
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
         if progress is not None:
-            progress("scoring blocks", i + 1, len(blocks))
+            progress("scoring blocks", done, total)
+
+    if progress is not None:
+        progress("scoring blocks", 0, total)
+    reference = predict(unet, calib, batch_size, on_batch=step)
+    scores = {}
+    for path in blocks:
+        with skipped([unet.get_submodule(path)]):
+            scores[path] = mse(predict(unet, calib, batch_size, on_batch=step), reference)
     return scores
 
 

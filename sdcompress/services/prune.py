@@ -51,8 +51,8 @@ class PruneRequest:
     depths: str | None = None  # "down2=4,4 mid=0 up0=4,4,10 up1=2,1,1"
     select: str = "importance"
     prompts: str | None = None
-    calibration_samples: int = 8
-    calibration_size: int | None = None  # pixels; default: the family's resolution
+    calibration_samples: int | None = None  # default: 8 on a GPU, 4 on a CPU
+    calibration_size: int | None = None  # pixels; default: see importance.scoring_plan
     batch_size: int = 4
     seed: int = 0
     device: str = "auto"
@@ -98,7 +98,13 @@ def prune(
     *,
     progress: Progress | None = None,
     on_tensor: Callable[[str, LazyTensor], None] | None = None,
+    on_plan: Callable[[imp.ScoringPlan], None] | None = None,
 ) -> PruneResult:
+    """Plan, score (when a choice is to be made), and write the student.
+
+    `on_plan` hears what scoring will cost before the teacher is loaded, so a caller can say so
+    (and how to make it cheaper) before minutes of work; `progress` then counts U-Net batches.
+    """
     start = time.perf_counter()
     if req.select not in METHODS:
         raise SdcError(f"--select must be one of {', '.join(METHODS)}, not {req.select!r}.")
@@ -124,23 +130,31 @@ def prune(
     eval_set = None
     if scoring or req.evaluate:
         device = resolve_device(req.device)
-        latent = (req.calibration_size or model.family.resolution) // 2 ** (
-            len(model.family.vae["block_out_channels"]) - 1
+        if req.calibration_samples is not None and req.calibration_samples < 1:
+            raise SdcError("--calibration-samples must be at least 1.")
+        plan_cost = imp.scoring_plan(
+            model,
+            blocks=len(candidates) if scoring else 0,
+            evaluate=req.evaluate,
+            device=device,
+            samples=req.calibration_samples,
+            size=req.calibration_size,
         )
-        if latent < 8:
-            raise SdcError("--calibration-size is too small; give at least 64 pixels.")
         prompts = imp.read_prompts(req.prompts)
+        if on_plan is not None:
+            on_plan(plan_cost)
         te_dtype = imp.compute_dtype(imp.unet_dtype(model), device)
         if progress:
             progress("encoding prompts", 0, 1)
         embeds = imp.encode(model, prompts, device, te_dtype)
         teacher_unet, dtype = imp.load_teacher_unet(model, device)
-        common = dict(samples=req.calibration_samples, latent=latent, device=device, dtype=dtype)
+        common = dict(samples=plan_cost.samples, latent=plan_cost.latent, device=device, dtype=dtype)
         score_set = imp.calibration(model, embeds, seed=req.seed, **common)
         eval_set = imp.calibration(model, embeds, seed=req.seed + 1, **common) if req.evaluate else None
         calib_info = {
-            "samples": req.calibration_samples,
-            "latent_size": latent,
+            "samples": plan_cost.samples,
+            "size": plan_cost.size,
+            "latent_size": plan_cost.latent,
             "prompts": len(prompts),
             "seed": req.seed,
             "device": str(device),
