@@ -194,3 +194,28 @@ def test_cli_prepares_reports_and_refuses_bad_input(images, prepared, tmp_path, 
     assert r.code == 2 and "already exists" in r.stderr
     r = cli("data", "prepare", prepared, "--model", "tiny-sd", "-o", tmp_path / "x", "--device", "cpu")
     assert r.code == 2 and "already a prepared dataset" in r.stderr
+
+
+def test_training_from_shards_resumes_exactly_after_a_ctrl_c(prepared, student, tmp_path):
+    import signal
+
+    from safetensors.torch import load_file
+
+    data = DataConfig(data_dir=prepared, resolution=RES, caption_dropout=0.5)
+    straight = distill(replace(request("tiny-sd", student, prepared, tmp_path / "a", max_steps=4), data=data))
+
+    def ctrl_c_at_2(event) -> None:
+        if event.kind == "step" and event.step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    req = replace(
+        request("tiny-sd", student, prepared, tmp_path / "b", max_steps=4, checkpoint_every=100), data=data
+    )
+    stopped = distill(req, ctrl_c_at_2)
+    assert stopped.interrupted and stopped.steps == 3  # the stop lands after the next step
+    resumed = distill(replace(req, train=replace(req.train, resume="latest")))
+    assert resumed.resumed_from is not None and resumed.steps == 4
+    assert resumed.last_losses == straight.last_losses
+    a = load_file(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
