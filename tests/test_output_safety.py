@@ -109,6 +109,25 @@ def test_training_output_inside_its_data(cli, tmp_path, command):
     assert [p.name for p in data.iterdir()] == ["a.txt"]
 
 
+@pytest.mark.parametrize("command", ["finetune", "lora", "distill"])
+def test_training_refuses_a_foreign_folder(cli, tmp_path, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    argv = {
+        "finetune": ["finetune", "--model", "tiny-sd"],
+        "lora": ["lora", "train", "--model", "tiny-sd"],
+    }.get(command, ["distill", "--teacher", "tiny-sdxl", "--student", "tiny-sdxl"])
+    line = _error(cli(*argv, "--data", data, "-o", out, "--overwrite"))
+    assert "notes.txt" in line and "--overwrite-foreign" in line
+    # the stronger flag is there, and never lifts the input rule
+    line = _error(cli(*argv, "--data", data, "-o", data / "out", "--overwrite-foreign"))
+    assert "lies inside the input" in line
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+
 def test_distill_output_is_the_student(cli, tmp_path):
     student = tmp_path / "student"
     student.mkdir()

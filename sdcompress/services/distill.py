@@ -103,7 +103,7 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     from sdcompress.checkpoint.writers import save_diffusers
 
     inputs = [request.teacher, request.student, request.data.data_dir, request.train.work_dir]
-    output = check_output(request.output, overwrite=request.train.overwrite, inputs=inputs, kind="dir")
+    output = check_output(request.output, overwrite=request.train.overwrite_policy, inputs=inputs, kind="dir")
     request.train.validate()
     teacher, student = _load(request)
     data = fit_data(request.data, teacher, student.configs["unet"])

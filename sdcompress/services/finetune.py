@@ -189,7 +189,7 @@ def finetune(request: FinetuneRequest, progress: ProgressCallback | None = None)
     from sdcompress.checkpoint.writers import save_diffusers, save_single_file
 
     inputs = [request.model, request.data.data_dir, request.train.work_dir]
-    output = check_output(request.output, overwrite=request.train.overwrite, inputs=inputs, kind="dir")
+    output = check_output(request.output, overwrite=request.train.overwrite_policy, inputs=inputs, kind="dir")
     request.train.validate()
     if request.text_encoder_lr is not None and request.text_encoder_lr <= 0:
         raise SdcError("--text-encoder-lr must be positive; fix the option and run again.")

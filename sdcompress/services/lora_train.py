@@ -245,7 +245,7 @@ def lora_train(request: LoraTrainRequest, progress: ProgressCallback | None = No
     from sdcompress.choices import resolve_dtype
 
     inputs = [request.model, request.data.data_dir, request.dreambooth.class_data, request.train.work_dir]
-    output = check_output(request.output, overwrite=request.train.overwrite, inputs=inputs, kind="dir")
+    output = check_output(request.output, overwrite=request.train.overwrite_policy, inputs=inputs, kind="dir")
     request.train.validate()
     _check(request)
     model = load_trainable(request.model, request.allow_pickle)

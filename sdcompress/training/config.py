@@ -266,6 +266,13 @@ class TrainConfig:
     `keep_checkpoints` 0 or None mean off / keep all.
     """
 
+    @property
+    def overwrite_policy(self) -> Any:
+        """`overwrite` and `overwrite_foreign` as the one policy the output writers take (`atomic.Overwrite`)."""
+        from sdcompress.checkpoint.atomic import overwrite_mode
+
+        return overwrite_mode(self.overwrite, self.overwrite_foreign)
+
     work_dir: Path | None = field(
         default=None,
         metadata=option("--work-dir", "Checkpoints, validation grids, logs (default: OUTPUT.train).", RUN),
@@ -273,7 +280,21 @@ class TrainConfig:
     output_dir: Path | None = field(
         default=None, metadata=option("--output", "Where to write the result. Required.", short="-o")
     )
-    overwrite: bool = field(default=False, metadata=option("--overwrite", "Replace an existing output."))
+    overwrite: bool = field(
+        default=False,
+        metadata=option(
+            "--overwrite",
+            "Replace an existing output that sdcompress wrote (a folder holding other files is refused).",
+        ),
+    )
+    overwrite_foreign: bool = field(
+        default=False,
+        metadata=option(
+            "--overwrite-foreign",
+            "Replace an existing output folder even if it holds files sdcompress did not write "
+            "(they are deleted; implies --overwrite).",
+        ),
+    )
     max_steps: int | None = field(
         default=None,
         metadata=option(

@@ -410,7 +410,7 @@ class _Loop:
                     data=self.stats.to_dict(),
                     options=_tracker_config(self.config),
                 )
-                with atomic_dir(out, overwrite=self.config.overwrite) as tmp:
+                with atomic_dir(out, overwrite=self.config.overwrite_policy) as tmp:
                     self.task.save(tmp, summary)
         acc.wait_for_everyone()
         return out
