@@ -187,3 +187,16 @@ def test_info_family_is_the_new_name_of_teacher(cli):
     assert json.loads(new.stdout) == json.loads(old.stdout)
     assert json.loads(new.stdout)["family"] == "sd2"
     assert "--teacher is deprecated" in old.stderr and "deprecated" not in new.stderr
+
+
+def test_requests_check_their_choices_when_built():
+    from sdcompress.services.bench import BenchRequest
+    from sdcompress.services.prune import PruneRequest
+
+    assert BenchRequest(["tiny-sd"], dtype="bfloat16").dtype == DType.BF16
+    with pytest.raises(SdcError, match="--family applies with --random-weights"):
+        BenchRequest(["tiny-sd"], family="sd1")
+    with pytest.raises(SdcError, match="--mid-block 'half' is not one of keep, resnet, none"):
+        PruneRequest("tiny-sd", "out", mid_block="half")
+    with pytest.raises(SdcError, match="--select 'random' is not one of importance, uniform, last"):
+        PruneRequest("tiny-sd", "out", select="random")

@@ -206,7 +206,7 @@ def test_pruned_student_converts_and_its_layout_is_inferred(tmp_path, cli):
         (("--teacher", "/nonexistent/teacher", "--preset", "bk-base"), "does not exist"),
         (("--teacher", "tiny-sd"), "nothing to prune"),
         (("--teacher", "tiny-sd", "--preset", "bk-base", "--mid-block", "none"), "--preset fixes"),
-        (("--teacher", "tiny-sd", "--preset", "bk-base", "--select", "random"), "--select must be"),
+        (("--teacher", "tiny-sd", "--preset", "bk-base", "--select", "random"), "'random' is not one of"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, cli, args, message):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sdcompress.checkpoint.tensors import LazyTensor
+from sdcompress.arch.shapes import Shaped, TensorSpec
 
 _STAGE = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.")
 
@@ -26,11 +26,11 @@ def meta_unet(config: Mapping[str, Any]) -> torch.nn.Module:
         return UNet2DConditionModel(**cfg)
 
 
-def meta_state_dict(module: torch.nn.Module) -> dict[str, LazyTensor]:
-    return {k: LazyTensor.of(v) for k, v in module.state_dict().items()}
+def meta_state_dict(module: torch.nn.Module) -> dict[str, TensorSpec]:
+    return {k: TensorSpec.of(v) for k, v in module.state_dict().items()}
 
 
-def count_state_dict(sd: Mapping[str, LazyTensor]) -> int:
+def count_state_dict(sd: Mapping[str, Shaped]) -> int:
     return sum(t.numel for t in sd.values())
 
 
@@ -39,7 +39,7 @@ def stage_of(key: str) -> str:
     return m.group(1) if m else "other"
 
 
-def count_by_stage(sd: Mapping[str, LazyTensor]) -> dict[str, int]:
+def count_by_stage(sd: Mapping[str, Shaped]) -> dict[str, int]:
     """U-Net parameters per stage (down_blocks.N, mid_block, up_blocks.N, other), in forward order."""
     counts: dict[str, int] = {}
     for key, t in sd.items():

@@ -3,8 +3,10 @@
 A family is the set of configs that make a whole pipeline: U-Net, VAE, text
 encoders, scheduler, plus the few facts a single file cannot tell by its
 shapes (VAE scaling factor, default resolution, prediction type, pipeline
-class). Everything else is inferred from weights (`arch.infer`) or derived
-from these tables (`arch.presets`), so a new family is one new entry here.
+class) and what the world calls it: the names users type, its Hub
+repository, the license of its weights and its Hub tag. Everything else is
+inferred from weights (`arch.infer`) or derived from these tables
+(`arch.presets`), so a new family is one new entry here.
 """
 
 from __future__ import annotations
@@ -137,13 +139,19 @@ class Family:
     base_model_version: str  # kohya's ss_base_model_version
     modelspec_architecture: str
     tiny: bool = False
-    hub_id: str | None = None
+    hub_id: str | None = None  # the published weights; `name` and `aliases` resolve to it
     pipeline_extra: Config = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()  # other names users type for the family (SD15, sd2.1...)
+    hub_aliases: dict[str, str] = field(default_factory=dict)  # more short names -> Hub repositories
+    stands_in_for: str | None = None  # the family whose layout this one shares (tiny models, SD 2 at 768)
+    license: str = "other"  # of the published weights; a derivative inherits it
+    hub_tag: str | None = None  # the Hub's tag for pipelines of this family
 
     @property
     def topology(self) -> str:
-        """The family a tiny model stands in for (tiny-sd -> sd1)."""
-        return {"tiny-sd": "sd1", "tiny-sdxl": "sdxl"}.get(self.name, self.name.removesuffix("-v"))
+        """The family whose layout this one has (tiny-sd -> sd1, sd2-v -> sd2): presets, LoRAs and merges
+        treat families of one topology alike."""
+        return self.stands_in_for or self.name
 
     @property
     def is_sdxl(self) -> bool:
@@ -205,6 +213,9 @@ _register(
         modelspec_architecture="stable-diffusion-v1",
         hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
         pipeline_extra={"requires_safety_checker": False},
+        aliases=("sd15", "sd1.5"),
+        license="creativeml-openrail-m",
+        hub_tag="stable-diffusion",
     )
 )
 _SD2_TEXT = (
@@ -230,6 +241,10 @@ _register(
         modelspec_architecture="stable-diffusion-v2-512",
         hub_id="stabilityai/stable-diffusion-2-base",
         pipeline_extra={"requires_safety_checker": False},
+        aliases=("sd2-base",),
+        hub_aliases={"sd21-base": "stabilityai/stable-diffusion-2-1-base"},
+        license="openrail++",
+        hub_tag="stable-diffusion",
     )
 )
 _register(
@@ -252,6 +267,10 @@ _register(
         modelspec_architecture="stable-diffusion-v2-768-v",
         hub_id="stabilityai/stable-diffusion-2-1",
         pipeline_extra={"requires_safety_checker": False},
+        aliases=("sd21", "sd2.1"),
+        stands_in_for="sd2",
+        license="openrail++",
+        hub_tag="stable-diffusion",
     )
 )
 _register(
@@ -279,6 +298,8 @@ _register(
         base_model_version="sdxl_base_v1-0",
         modelspec_architecture="stable-diffusion-xl-v1-base",
         hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+        license="openrail++",
+        hub_tag="stable-diffusion-xl",
     )
 )
 _register(
@@ -309,6 +330,8 @@ _register(
         modelspec_architecture="stable-diffusion-xl-v1-refiner",
         hub_id="stabilityai/stable-diffusion-xl-refiner-1.0",
         pipeline_extra={"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False},
+        license="openrail++",
+        hub_tag="stable-diffusion-xl",
     )
 )
 
@@ -342,6 +365,8 @@ _register(
         modelspec_architecture="stable-diffusion-v1",
         tiny=True,
         pipeline_extra={"requires_safety_checker": False},
+        stands_in_for="sd1",
+        license="apache-2.0",  # random weights made by sdcompress itself
     )
 )
 _register(
@@ -369,24 +394,35 @@ _register(
         base_model_version="sdxl_base_v1-0",
         modelspec_architecture="stable-diffusion-xl-v1-base",
         tiny=True,
+        stands_in_for="sdxl",
+        license="apache-2.0",
     )
 )
 
-ALIASES: dict[str, str] = {
-    "sd15": "sd1",
-    "sd1.5": "sd1",
-    "sd21": "sd2-v",
-    "sd2.1": "sd2-v",
-    "sd2-base": "sd2",
-}
+ALIASES: dict[str, str] = {alias: f.name for f in FAMILIES.values() for alias in f.aliases}
+TINY_MODELS = tuple(f.name for f in FAMILIES.values() if f.tiny)
+
+
+def find_family(name: str) -> Family | None:
+    """The family called `name` (or one of its aliases), case-insensitively; None if there is none."""
+    key = name.lower()
+    return FAMILIES.get(ALIASES.get(key, key))
 
 
 def get_family(name: str) -> Family:
-    key = ALIASES.get(name.lower(), name.lower())
-    if key not in FAMILIES:
-        known = ", ".join(FAMILIES)
-        raise SdcError(f"unknown model family {name!r}; known families: {known}.")
-    return FAMILIES[key]
+    family = find_family(name)
+    if family is None:
+        raise SdcError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)}.")
+    return family
+
+
+def family_hub_repo(name: str) -> str | None:
+    """The Hub repository a family name, alias or family hub alias stands for (None: not one)."""
+    key = name.lower()
+    family = find_family(key)
+    if family is not None and not family.tiny:
+        return family.hub_id
+    return next((f.hub_aliases[key] for f in FAMILIES.values() if key in f.hub_aliases), None)
 
 
 def unet_config(family: str) -> Config:

@@ -14,18 +14,18 @@ from typing import Any
 
 from sdcompress.arch.families import FAMILIES, Config, Family
 from sdcompress.arch.layout import UNetLayout, config_from_layout
-from sdcompress.checkpoint.tensors import LazyTensor
+from sdcompress.arch.shapes import Shaped
 from sdcompress.errors import SdcError
 
 
-def _first(sd: Mapping[str, LazyTensor], suffix: str) -> LazyTensor | None:
+def _first(sd: Mapping[str, Shaped], suffix: str) -> Shaped | None:
     for k, v in sd.items():
         if k.endswith(suffix):
             return v
     return None
 
 
-def unet_features(sd: Mapping[str, LazyTensor], layout: UNetLayout) -> dict[str, Any]:
+def unet_features(sd: Mapping[str, Shaped], layout: UNetLayout) -> dict[str, Any]:
     """The shape-visible facts of a diffusers-named U-Net state dict."""
     try:
         channels = [sd[f"down_blocks.{x}.resnets.0.conv1.weight"].shape[0] for x in range(layout.levels)]
@@ -84,7 +84,7 @@ def _heads(family: Family, channels: list[int], linear: bool) -> Any:
 
 
 def infer_unet_config(
-    sd: Mapping[str, LazyTensor], layout: UNetLayout, *, v_prediction: bool | None = None
+    sd: Mapping[str, Shaped], layout: UNetLayout, *, v_prediction: bool | None = None
 ) -> tuple[Config, Family]:
     """A diffusers config for this U-Net (in the canonical spelling) and its family."""
     feats = unet_features(sd, layout)

@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdcompress.arch.families import Config, Family, get_family
+from sdcompress.arch.families import Config, Family, family_hub_repo, get_family
 from sdcompress.errors import SdcError
 
 
@@ -25,6 +25,7 @@ class Preset:
     drop_last_level: bool = False
     aliases: tuple[str, ...] = ()
     extra: Config = field(default_factory=dict)
+    hub_id: str | None = None  # the publisher's own weights, when they are on the Hub
 
     def student_config(self, teacher: Config) -> Config:
         cfg = copy.deepcopy(teacher)
@@ -72,6 +73,7 @@ _register(
             "transformer_layers_per_block": [[1], [2, 2], [4, 4]],
             "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], 1],
         },
+        hub_id="segmind/SSD-1B",
     )
 )
 _register(
@@ -84,6 +86,7 @@ _register(
             "transformer_layers_per_block": [[1], [1, 1], [2, 2]],
             "reverse_transformer_layers_per_block": [[2, 2, 2], [1, 1, 1], 1],
         },
+        hub_id="segmind/Segmind-Vega",
     )
 )
 _register(
@@ -100,11 +103,22 @@ _register(
 
 
 def get_preset(name: str) -> Preset:
+    preset = find_preset(name)
+    if preset is None:
+        raise SdcError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}.")
+    return preset
+
+
+def find_preset(name: str) -> Preset | None:
     key = name.lower()
-    for p in PRESETS.values():
-        if key == p.name or key in p.aliases:
-            return p
-    raise SdcError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}.")
+    return next((p for p in PRESETS.values() if key == p.name or key in p.aliases), None)
+
+
+def hub_repo(name: str) -> str | None:
+    """The Hub repository a short name stands for (SD15, SD21, SDXL, ssd-1b...): a family, one of its
+    aliases, or a preset whose publisher's weights are on the Hub. None: not such a name."""
+    preset = find_preset(name)
+    return family_hub_repo(name) or (preset.hub_id if preset is not None else None)
 
 
 def preset_for_family(name: str, family: Family) -> Preset:

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
-from sdcompress.arch.families import Config
+from sdcompress.arch.families import TINY_MODELS, Config
 from sdcompress.arch.infer import infer_unet_config
 from sdcompress.arch.layout import layout_from_config
+from sdcompress.arch.presets import hub_repo
+from sdcompress.checkpoint.conventions import EXTRAS_FILE, MARKERS, PICKLE_SUFFIXES
 from sdcompress.checkpoint.keymap import text as text_map
 from sdcompress.checkpoint.keymap import unet as unet_map
 from sdcompress.checkpoint.keymap import vae as vae_map
@@ -29,19 +31,6 @@ from sdcompress.checkpoint.safetensors_io import SafetensorsFile
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.choices import PredictionType
 from sdcompress.errors import SdcError
-
-HUB_ALIASES: dict[str, str] = {
-    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd21": "stabilityai/stable-diffusion-2-1",
-    "sd21-base": "stabilityai/stable-diffusion-2-1-base",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "sdxl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
-    "ssd-1b": "segmind/SSD-1B",
-    "vega": "segmind/Segmind-Vega",
-}
-TINY_MODELS = ("tiny-sd", "tiny-sdxl")
-EXTRAS_FILE = "sdcompress_extras.safetensors"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 _SCHEDULE_BUFFERS = {
     "betas",
@@ -57,7 +46,6 @@ _SCHEDULE_BUFFERS = {
     "posterior_mean_coef1",
     "posterior_mean_coef2",
 }
-MARKERS = ("v_pred", "ztsnr", "edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
 _UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
@@ -83,10 +71,9 @@ def load_model(
     path = Path(text).expanduser()
     if path.exists():
         model = _load_path(path, allow_pickle=allow_pickle, ema=ema, prediction_type=prediction_type)
-    elif text.lower() in HUB_ALIASES or re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):
-        repo = HUB_ALIASES.get(text.lower(), text)
+    elif (repo := hub_repo(text)) or re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):
         model = _load_path(
-            _download(repo), allow_pickle=allow_pickle, ema=ema, prediction_type=prediction_type
+            _download(repo or text), allow_pickle=allow_pickle, ema=ema, prediction_type=prediction_type
         )
     else:
         raise SdcError(
@@ -394,4 +381,4 @@ def _finish_folder(
     )
 
 
-__all__ = ["load_model", "split_single_file", "HUB_ALIASES", "TINY_MODELS", "EXTRAS_FILE"]
+__all__ = ["load_model", "split_single_file"]

@@ -19,11 +19,11 @@ import torch
 from sdcompress import __version__
 from sdcompress.arch.families import Config
 from sdcompress.checkpoint.atomic import Overwrite, atomic_dir
+from sdcompress.checkpoint.conventions import EXTRAS_FILE, MARKERS
 from sdcompress.checkpoint.keymap import text as text_map
 from sdcompress.checkpoint.keymap import unet as unet_map
 from sdcompress.checkpoint.keymap import vae as vae_map
 from sdcompress.checkpoint.model import Model
-from sdcompress.checkpoint.resolve import EXTRAS_FILE, MARKERS
 from sdcompress.checkpoint.safetensors_io import write_safetensors
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.checkpoint.tokenizer import write_clip_tokenizer

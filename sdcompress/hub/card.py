@@ -17,22 +17,10 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from sdcompress.arch.families import FAMILIES, Family
+from sdcompress.arch.families import Family
+from sdcompress.arch.presets import hub_repo
 from sdcompress.hub.lineage import Lineage
 
-# Licenses of the weights the families are published under; a derivative inherits them.
-FAMILY_LICENSES = {
-    "sd1": "creativeml-openrail-m",
-    "sd2": "openrail++",
-    "sdxl": "openrail++",
-    "sdxl-refiner": "openrail++",
-}
-FAMILY_TAGS = {
-    "sd1": "stable-diffusion",
-    "sd2": "stable-diffusion",
-    "sdxl": "stable-diffusion-xl",
-    "sdxl-refiner": "stable-diffusion-xl",
-}
 RUN_TAGS = {"distill": "distillation", "finetune": "finetuned", "lora": "lora"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LOSS_ROWS = 10
@@ -59,31 +47,23 @@ def base_model_id(teacher: str | None) -> str | None:
     """A Hub model id for the teacher, when it has one (local paths have none)."""
     if not teacher:
         return None
-    from sdcompress.checkpoint.resolve import HUB_ALIASES
-
-    key = teacher.lower()
-    if key in HUB_ALIASES:
-        return HUB_ALIASES[key]
-    family = FAMILIES.get(key)
-    if family is not None:
-        return family.hub_id
+    repo = hub_repo(teacher)
+    if repo is not None:
+        return repo
     if _HUB_ID.match(teacher) and not Path(teacher).expanduser().exists():
         return teacher
     return None
 
 
 def default_license(family: Family | None) -> str:
-    if family is None:
-        return "other"
-    if family.tiny:
-        return "apache-2.0"  # tiny models are random weights made by sdcompress itself
-    return FAMILY_LICENSES.get(family.topology, "other")
+    """A derivative inherits the license of its family's weights (`Family.license`)."""
+    return "other" if family is None else family.license
 
 
 def card_tags(facts: CardFacts) -> list[str]:
     tags = ["sdcompress", "text-to-image", "diffusers"]
-    if facts.family is not None and not facts.family.tiny and facts.family.topology in FAMILY_TAGS:
-        tags.append(FAMILY_TAGS[facts.family.topology])
+    if facts.family is not None and facts.family.hub_tag:
+        tags.append(facts.family.hub_tag)
     lineage = facts.lineage
     recorded = lineage.prune.get("preset") if lineage.prune else None
     preset = facts.preset or (recorded if isinstance(recorded, str) else None)

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from sdcompress.arch.families import FAMILIES, Config, Family, get_family
+from sdcompress.arch.families import FAMILIES, Config, Family, find_family, get_family
 from sdcompress.arch.presets import PRESETS, get_preset, preset_for_family
 from sdcompress.checkpoint.model import disk_size
-from sdcompress.choices import resolve_dtype
+from sdcompress.choices import DType, resolve_dtype
 from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
 
@@ -47,12 +47,17 @@ class BenchRequest:
     steps: int = 10
     warmup: int = 2
     device: str = "auto"
-    dtype: str | None = None
+    dtype: DType | None = None  # default: fp16 on CUDA, fp32 on a CPU
     cfg: bool = True
     random_weights: bool = False
     family: str | None = None  # with random_weights: the family presets are applied to
     allow_pickle: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.dtype = DType.parse_optional(self.dtype, "--dtype")
+        if self.family is not None and not self.random_weights:
+            raise SdcError("--family applies with --random-weights (real models know their family); drop it.")
 
 
 @dataclass
@@ -161,8 +166,8 @@ def random_unet(config: Config, device: torch.device, dtype: torch.dtype, seed: 
 
 def _arch_subject(name: str, family_name: str | None, seed: int) -> _Subject:
     """A family or preset name, measured with random weights."""
-    if name.lower() in FAMILIES or name.lower() in ("sd15", "sd1.5", "sd21", "sd2.1", "sd2-base"):
-        family = get_family(name)
+    family = find_family(name)
+    if family is not None:
         config, preset = dict(family.unet), None
     else:
         try:

@@ -27,6 +27,7 @@ from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor
 from sdcompress.checkpoint.writers import save_diffusers
+from sdcompress.choices import MidBlock, SelectMethod
 from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
 from sdcompress.prune import importance as imp
@@ -34,7 +35,7 @@ from sdcompress.prune.flops import unet_flops
 from sdcompress.prune.mapping import key_map, prefix_table, student_shapes, student_state_dict
 from sdcompress.prune.plan import candidates as block_candidates
 from sdcompress.prune.plan import choose_blocks, plan_structure, removed_blocks, student_config
-from sdcompress.prune.selection import METHODS, Scores
+from sdcompress.prune.selection import Scores
 
 RECORD_FILE = "sdcompress_prune.json"
 Progress = Callable[[str, int, int], None]
@@ -47,9 +48,9 @@ class PruneRequest:
     preset: str | None = None
     drop_transformer_blocks: int | None = None
     layers_per_block: int | None = None
-    mid_block: str | None = None  # keep | resnet | none (None: keep)
+    mid_block: MidBlock | None = None  # None: keep
     depths: str | None = None  # "down2=4,4 mid=0 up0=4,4,10 up1=2,1,1"
-    select: str = "importance"
+    select: SelectMethod = SelectMethod.IMPORTANCE
     prompts: str | None = None
     calibration_samples: int | None = None  # default: 8 on a GPU, 4 on a CPU
     calibration_size: int | None = None  # pixels; default: see importance.scoring_plan
@@ -60,6 +61,10 @@ class PruneRequest:
     unet_only: bool = False
     overwrite: bool = False
     allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        self.select = SelectMethod.parse(self.select, "--select")
+        self.mid_block = MidBlock.parse_optional(self.mid_block, "--mid-block")
 
 
 @dataclass
@@ -106,8 +111,6 @@ def prune(
     (and how to make it cheaper) before minutes of work; `progress` then counts U-Net batches.
     """
     start = time.perf_counter()
-    if req.select not in METHODS:
-        raise SdcError(f"--select must be one of {', '.join(METHODS)}, not {req.select!r}.")
     out = check_output(req.output, overwrite=req.overwrite, inputs=[req.teacher, req.prompts], kind="dir")
     model = load_model(req.teacher, allow_pickle=req.allow_pickle)
     if model.path is not None and out.resolve() == Path(model.path).resolve():

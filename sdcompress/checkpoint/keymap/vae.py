@@ -1,11 +1,13 @@
 """VAE key mapping between the single file (LDM, without `first_stage_model.`) and diffusers.
 
-One rule per kind of key, whatever the number of levels: the number of
-decoder levels is read from the keys, because the decoder's level numbering
-is reversed between the formats (`decoder.up.(L-1-i)` is `up_blocks.i`).
-diffusers' own converter reads the level count from a config and knows only
-the forward direction; here both directions are the same small rule, so a
-2-level tiny VAE and the 4-level SD VAE go through the same code.
+One table, used both ways as the U-Net's is (`keymap.unet`): `module_table`
+lists every diffusers module path with its single-file path and its kind,
+and each kind renames its few leaves (`conv_shortcut` <-> `nin_shortcut`,
+`to_q` <-> `q`...). The table is built from the number of levels, read from
+the keys, because the decoder's level numbering is reversed between the
+formats (`decoder.up.(L-1-i)` is `up_blocks.i`). diffusers' own converter
+reads the level count from a config and knows only the forward direction;
+here a 2-level tiny VAE and the 4-level SD VAE go through the same table.
 
 The mid-block attention projections are 1x1 convolutions in the single file
 ([C, C, 1, 1]) and linear layers in diffusers ([C, C]); they are reshaped
@@ -18,47 +20,47 @@ import re
 
 from sdcompress.checkpoint.tensors import StateDict
 
-_RESNET_LEAVES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2"}
-_SINGLE_RESNET = {**_RESNET_LEAVES, "nin_shortcut": "conv_shortcut"}
-_DIFFUSERS_RESNET = {v: k for k, v in _SINGLE_RESNET.items()}
-
-_SINGLE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_DIFFUSERS_ATTN = {v: k for k, v in _SINGLE_ATTN.items()}
-# Names of diffusers' pre-0.14 attention block, still found in old VAE folders.
-_DIFFUSERS_ATTN.update({"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"})
+# diffusers leaf -> single-file leaf, per kind of module
+_LEAVES = {
+    "resnet": {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"},
+    "attention": {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"},
+}  # fmt: skip
+_LEAVES_BACK = {kind: {v: k for k, v in leaves.items()} for kind, leaves in _LEAVES.items()}
 _ATTN_PROJECTIONS = {"q", "k", "v", "proj_out"}
+_PARAMS = ("weight", "bias")
 
-_TOP_LEVEL = {
+# diffusers module -> single-file module, for modules that are not inside a level
+_FIXED = {
     "encoder.conv_in": "encoder.conv_in",
     "encoder.conv_out": "encoder.conv_out",
-    "encoder.norm_out": "encoder.conv_norm_out",
+    "encoder.conv_norm_out": "encoder.norm_out",
     "decoder.conv_in": "decoder.conv_in",
     "decoder.conv_out": "decoder.conv_out",
-    "decoder.norm_out": "decoder.conv_norm_out",
+    "decoder.conv_norm_out": "decoder.norm_out",
     "quant_conv": "quant_conv",
     "post_quant_conv": "post_quant_conv",
 }
-_TOP_LEVEL_BACK = {v: k for k, v in _TOP_LEVEL.items()}
 
-_PARAM = r"(?P<param>weight|bias)"
-_S_TOP = re.compile(rf"(?P<module>.+)\.{_PARAM}")
-_S_DOWN_RES = re.compile(rf"encoder\.down\.(?P<i>\d+)\.block\.(?P<j>\d+)\.(?P<leaf>\w+)\.{_PARAM}")
-_S_DOWN_SAMPLE = re.compile(rf"encoder\.down\.(?P<i>\d+)\.downsample\.conv\.{_PARAM}")
-_S_UP_RES = re.compile(rf"decoder\.up\.(?P<i>\d+)\.block\.(?P<j>\d+)\.(?P<leaf>\w+)\.{_PARAM}")
-_S_UP_SAMPLE = re.compile(rf"decoder\.up\.(?P<i>\d+)\.upsample\.conv\.{_PARAM}")
-_S_MID_RES = re.compile(rf"(?P<part>encoder|decoder)\.mid\.block_(?P<k>[12])\.(?P<leaf>\w+)\.{_PARAM}")
-_S_MID_ATTN = re.compile(rf"(?P<part>encoder|decoder)\.mid\.attn_1\.(?P<leaf>\w+)\.{_PARAM}")
 
-_D_DOWN_RES = re.compile(rf"encoder\.down_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.(?P<leaf>\w+)\.{_PARAM}")
-_D_DOWN_SAMPLE = re.compile(rf"encoder\.down_blocks\.(?P<i>\d+)\.downsamplers\.0\.conv\.{_PARAM}")
-_D_UP_RES = re.compile(rf"decoder\.up_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.(?P<leaf>\w+)\.{_PARAM}")
-_D_UP_SAMPLE = re.compile(rf"decoder\.up_blocks\.(?P<i>\d+)\.upsamplers\.0\.conv\.{_PARAM}")
-_D_MID_RES = re.compile(
-    rf"(?P<part>encoder|decoder)\.mid_block\.resnets\.(?P<k>[01])\.(?P<leaf>\w+)\.{_PARAM}"
-)
-_D_MID_ATTN = re.compile(
-    rf"(?P<part>encoder|decoder)\.mid_block\.attentions\.0\.(?P<leaf>to_out\.0|\w+)\.{_PARAM}"
-)
+def module_table(levels: int) -> dict[str, tuple[str, str]]:
+    """diffusers module path -> (single-file module path, kind) for a VAE with `levels` levels.
+
+    Kinds: `resnets` (a level's resnet list: the rest starts with the index),
+    `resnet`, `attention` (leaves renamed), `plain` (a conv or norm). The
+    decoder's levels run the other way in the single file.
+    """
+    table: dict[str, tuple[str, str]] = {d: (s, "plain") for d, s in _FIXED.items()}
+    for i in range(levels):
+        table[f"encoder.down_blocks.{i}.resnets"] = (f"encoder.down.{i}.block", "resnets")
+        table[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", "plain")
+        r = levels - 1 - i
+        table[f"decoder.up_blocks.{i}.resnets"] = (f"decoder.up.{r}.block", "resnets")
+        table[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{r}.upsample.conv", "plain")
+    for part in ("encoder", "decoder"):
+        table[f"{part}.mid_block.resnets.0"] = (f"{part}.mid.block_1", "resnet")
+        table[f"{part}.mid_block.resnets.1"] = (f"{part}.mid.block_2", "resnet")
+        table[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", "attention")
+    return table
 
 
 def _levels(keys: list[str], pattern: str) -> int:
@@ -67,56 +69,54 @@ def _levels(keys: list[str], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _leaf(table: dict[str, str], leaf: str, key: str) -> str:
-    if leaf not in table:
+def _split(key: str, table: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    """(module, rest) for the longest module path of `table` that `key` starts with."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:n])
+        if module in table:
+            return module, ".".join(parts[n:])
+    raise ValueError(f"unknown VAE key {key!r}")
+
+
+def _rename_rest(rest: str, kind: str, leaves: dict[str, dict[str, str]], key: str) -> str:
+    """The part of a key after its module, in the other format; anything unexpected names the key."""
+    index = ""
+    if kind == "resnets":
+        head, _, rest = rest.partition(".")
+        if not head.isdigit():
+            raise ValueError(f"unknown VAE key {key!r}")
+        index, kind = head + ".", "resnet"
+    leaf, _, param = rest.rpartition(".")
+    if param not in _PARAMS:
         raise ValueError(f"unknown VAE key {key!r}")
-    return table[leaf]
+    if kind == "plain":
+        if leaf:
+            raise ValueError(f"unknown VAE key {key!r}")
+        return param
+    if leaf not in leaves[kind]:
+        raise ValueError(f"unknown VAE key {key!r}")
+    return f"{index}{leaves[kind][leaf]}.{param}"
+
+
+def _rename(key: str, table: dict[str, tuple[str, str]], leaves: dict[str, dict[str, str]]) -> str:
+    module, rest = _split(key, table)
+    target, kind = table[module]
+    return f"{target}.{_rename_rest(rest, kind, leaves, key)}"
+
+
+def _single_file_table(levels: int) -> dict[str, tuple[str, str]]:
+    return {s: (d, kind) for d, (s, kind) in module_table(levels).items()}
 
 
 def vae_key_to_diffusers(key: str, levels: int) -> str:
     """Diffusers name of one single-file VAE key; `levels` is the number of decoder levels."""
-    if m := _S_DOWN_RES.fullmatch(key):
-        leaf = _leaf(_SINGLE_RESNET, m["leaf"], key)
-        return f"encoder.down_blocks.{m['i']}.resnets.{m['j']}.{leaf}.{m['param']}"
-    if m := _S_DOWN_SAMPLE.fullmatch(key):
-        return f"encoder.down_blocks.{m['i']}.downsamplers.0.conv.{m['param']}"
-    if m := _S_UP_RES.fullmatch(key):
-        leaf = _leaf(_SINGLE_RESNET, m["leaf"], key)
-        return f"decoder.up_blocks.{levels - 1 - int(m['i'])}.resnets.{m['j']}.{leaf}.{m['param']}"
-    if m := _S_UP_SAMPLE.fullmatch(key):
-        return f"decoder.up_blocks.{levels - 1 - int(m['i'])}.upsamplers.0.conv.{m['param']}"
-    if m := _S_MID_RES.fullmatch(key):
-        leaf = _leaf(_SINGLE_RESNET, m["leaf"], key)
-        return f"{m['part']}.mid_block.resnets.{int(m['k']) - 1}.{leaf}.{m['param']}"
-    if m := _S_MID_ATTN.fullmatch(key):
-        leaf = _leaf(_SINGLE_ATTN, m["leaf"], key)
-        return f"{m['part']}.mid_block.attentions.0.{leaf}.{m['param']}"
-    if (m := _S_TOP.fullmatch(key)) and m["module"] in _TOP_LEVEL:
-        return f"{_TOP_LEVEL[m['module']]}.{m['param']}"
-    raise ValueError(f"unknown VAE key {key!r}")
+    return _rename(key, _single_file_table(levels), _LEAVES_BACK)
 
 
 def vae_key_from_diffusers(key: str, levels: int) -> str:
     """Single-file name of one diffusers VAE key; `levels` is the number of decoder levels."""
-    if m := _D_DOWN_RES.fullmatch(key):
-        leaf = _leaf(_DIFFUSERS_RESNET, m["leaf"], key)
-        return f"encoder.down.{m['i']}.block.{m['j']}.{leaf}.{m['param']}"
-    if m := _D_DOWN_SAMPLE.fullmatch(key):
-        return f"encoder.down.{m['i']}.downsample.conv.{m['param']}"
-    if m := _D_UP_RES.fullmatch(key):
-        leaf = _leaf(_DIFFUSERS_RESNET, m["leaf"], key)
-        return f"decoder.up.{levels - 1 - int(m['i'])}.block.{m['j']}.{leaf}.{m['param']}"
-    if m := _D_UP_SAMPLE.fullmatch(key):
-        return f"decoder.up.{levels - 1 - int(m['i'])}.upsample.conv.{m['param']}"
-    if m := _D_MID_RES.fullmatch(key):
-        leaf = _leaf(_DIFFUSERS_RESNET, m["leaf"], key)
-        return f"{m['part']}.mid.block_{int(m['k']) + 1}.{leaf}.{m['param']}"
-    if m := _D_MID_ATTN.fullmatch(key):
-        leaf = _leaf(_DIFFUSERS_ATTN, m["leaf"], key)
-        return f"{m['part']}.mid.attn_1.{leaf}.{m['param']}"
-    if (m := _S_TOP.fullmatch(key)) and m["module"] in _TOP_LEVEL_BACK:
-        return f"{_TOP_LEVEL_BACK[m['module']]}.{m['param']}"
-    raise ValueError(f"unknown VAE key {key!r}")
+    return _rename(key, module_table(levels), _LEAVES)
 
 
 def _is_attn_projection_weight(single_key: str) -> bool:
@@ -130,11 +130,10 @@ def vae_to_diffusers(sd: StateDict) -> StateDict:
     Raises ValueError naming the first key that is not part of an LDM VAE; the caller decides
     whether that is an error or an extra to keep aside.
     """
-    keys = list(sd)
-    levels = _levels(keys, r"decoder\.up\.(\d+)\.")
+    table = _single_file_table(_levels(list(sd), r"decoder\.up\.(\d+)\."))
     out: StateDict = {}
     for key, tensor in sd.items():
-        new = vae_key_to_diffusers(key, levels)
+        new = _rename(key, table, _LEAVES_BACK)
         if _is_attn_projection_weight(key) and len(tensor.shape) > 2:
             tensor = tensor.reshaped(tensor.shape[:2])
         out[new] = tensor
@@ -146,13 +145,14 @@ def vae_from_diffusers(sd: StateDict) -> StateDict:
 
     Old diffusers attention names (`query`, `key`, `value`, `proj_attn`) are accepted too.
     """
-    keys = list(sd)
-    levels = _levels(keys, r"decoder\.up_blocks\.(\d+)\.")
+    modern = normalize_vae_keys(sd)
+    if len(modern) != len(sd):
+        twice = next(k for k in sd if k not in modern)
+        raise ValueError(f"VAE key {twice!r} duplicates another name for the same weight")
+    table = module_table(_levels(list(modern), r"decoder\.up_blocks\.(\d+)\."))
     out: StateDict = {}
-    for key, tensor in sd.items():
-        new = vae_key_from_diffusers(key, levels)
-        if new in out:
-            raise ValueError(f"VAE key {key!r} duplicates another name for {new!r}")
+    for key, tensor in modern.items():
+        new = _rename(key, table, _LEAVES)
         if _is_attn_projection_weight(new) and len(tensor.shape) == 2:
             tensor = tensor.reshaped((*tensor.shape, 1, 1))
         out[new] = tensor
