@@ -168,6 +168,16 @@ def test_overwrite_replaces_our_folder_but_not_files_added_to_it(cli, tmp_path, 
     assert (out / "unet" / "my-notes.txt").read_text() == "mine\n"
 
 
+def test_push_leaves_the_manifest_at_home(tmp_path):
+    from sdcompress.hub.upload import folder_files
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    atomic.write_manifest(tmp_path / "unet")
+    atomic.write_manifest(tmp_path)
+    assert [f.path_in_repo for f in folder_files(tmp_path)] == ["unet/config.json"]
+
+
 def test_demo_refuses_a_foreign_folder(cli, tmp_path):
     out = tmp_path / "demo"
     out.mkdir()

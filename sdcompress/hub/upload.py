@@ -20,10 +20,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdcompress.checkpoint.atomic import MANIFEST
 from sdcompress.errors import SdcError
 
-# Never uploaded from a folder: version control, caches, and our own unfinished atomic writes.
-DEFAULT_EXCLUDE = (".git/*", "*/.git/*", ".cache/*", "*/__pycache__/*", "__pycache__/*", "*.partial", "*.old")
+# Never uploaded from a folder: version control, caches, our own unfinished atomic writes, and the
+# manifests that tell `--overwrite` which local files sdcompress wrote (bookkeeping, not the model).
+DEFAULT_EXCLUDE = (
+    ".git/*",
+    "*/.git/*",
+    ".cache/*",
+    "*/__pycache__/*",
+    "__pycache__/*",
+    "*.partial",
+    "*.old",
+    MANIFEST,
+    f"*/{MANIFEST}",
+)
 CARD_NAME = "README.md"
 
 
