@@ -205,7 +205,7 @@ def _shard_batches(targets: list[tuple[int, int]], first: int, last: int, size: 
     return [m[i : i + size] for t in sorted(groups) for m in [groups[t]] for i in range(0, len(m), size)]
 
 
-def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """One WebDataset shard, written under a temporary name and renamed when complete."""
     from webdataset import TarWriter
 
@@ -319,7 +319,7 @@ class Preparer:
         # Keys are scan numbers (unique, with gaps where an image was skipped); readers address a
         # sample by its position, so the dataset's sample n is the n-th kept image in scan order.
         path = work / S.shard_name(number)
-        _write_tar(path, [(S.sample_key(i), encoded[i]) for i in order])
+        write_shard(path, [(S.sample_key(i), encoded[i]) for i in order])
         record = ShardRecord(
             url=path.name,
             nsamples=len(order),
@@ -333,21 +333,13 @@ class Preparer:
 
     def finish(self, work: Path, source: dict[str, Any], unreadable: list[str]) -> dict[str, Any]:
         """Merge the shard records into `targets.npy`, store the empty prompt, write the index last."""
-        from safetensors.torch import save_file
-
         records = []
         for number in range(self.shard_count):
             record = _finished(work, number)
             if record is None:
                 raise SdcError(f"shard {number} of {work} is missing; run the prepare again with --resume.")
             records.append(record)
-        targets = np.array([t for r in records for t in r.targets], dtype=np.uint16)
-        np.save(work / S.TARGETS, targets)
         empty = encode_conditioning(self.encoders, [""], self.device)
-        save_file(
-            {k: v[0].to("cpu", self.storage).contiguous() for k, v in empty.items()}, work / S.EMPTY_PROMPT
-        )
-        skipped = unreadable + [s for r in records for s in r.skipped]
         conditioning = {
             "family": self.encoders.family,
             "model": self.settings.model,
@@ -355,22 +347,55 @@ class Preparer:
             "text_dim": int(empty["prompt_embeds"].shape[-1]),
             "pooled_dim": int(empty["pooled"].shape[-1]) if "pooled" in empty else None,
         }
-        index = {
-            "format": S.FORMAT,
-            "samples": int(len(targets)),
-            "shards": [{"url": r.url, "nsamples": r.nsamples, "filesize": r.filesize} for r in records],
-            "buckets": [list(b) for b in self.buckets],
-            "resolution": self.settings.data.resolution,
-            "dtype": self.settings.dtype,
-            "conditioning": conditioning,
-            "source": source,
-            "missing_captions": sum(r.missing_captions for r in records),
-            "skipped": {"count": len(skipped), "examples": skipped[:5]},
-        }
-        _write_json(work / S.INDEX, index)
+        index = write_index(
+            work,
+            records,
+            empty={k: v[0].to("cpu", self.storage) for k, v in empty.items()},
+            buckets=self.buckets,
+            resolution=self.settings.data.resolution,
+            dtype=self.settings.dtype,
+            conditioning=conditioning,
+            source=source,
+            unreadable=unreadable,
+        )
         for number in range(self.shard_count):  # the per-shard records live on in the index
             (work / S.shard_name(number)).with_suffix(".json").unlink()
         return index
+
+
+def write_index(
+    work: Path,
+    records: list[ShardRecord],
+    *,
+    empty: dict[str, torch.Tensor],
+    buckets: list[tuple[int, int]],
+    resolution: int,
+    dtype: str,
+    conditioning: dict[str, Any],
+    source: dict[str, Any],
+    unreadable: list[str] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
+    """Finish a dataset whose shards are written: `targets.npy`, the empty prompt, and the index last."""
+    from safetensors.torch import save_file
+
+    targets = np.array([t for r in records for t in r.targets], dtype=np.uint16)
+    np.save(work / S.TARGETS, targets)
+    save_file({k: v.contiguous() for k, v in empty.items()}, work / S.EMPTY_PROMPT)
+    skipped = list(unreadable) + [s for r in records for s in r.skipped]
+    index = {
+        "format": S.FORMAT,
+        "samples": int(len(targets)),
+        "shards": [{"url": r.url, "nsamples": r.nsamples, "filesize": r.filesize} for r in records],
+        "buckets": [list(b) for b in buckets],
+        "resolution": resolution,
+        "dtype": dtype,
+        "conditioning": conditioning,
+        "source": source,
+        "missing_captions": sum(r.missing_captions for r in records),
+        "skipped": {"count": len(skipped), "examples": skipped[:5]},
+    }
+    _write_json(work / S.INDEX, index)
+    return index
 
 
 def iter_samples(root: Path) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
