@@ -12,9 +12,11 @@ This module is imported when the CLI starts, so it must not import torch:
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, Union, get_args, get_origin, get_type_hints
 
 from sdcompress.errors import SdcError
 
@@ -174,6 +176,28 @@ class MergeMethod(Choice):
     ADD_DIFFERENCE = "add-difference"
     TIES = "ties"
     DARE = "dare"
+
+
+def _choice_of(hint: Any) -> type[Choice] | None:
+    """The Choice in a field's type (`DType`, `DType | None`), if any."""
+    options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    return next((t for t in options if isinstance(t, type) and issubclass(t, Choice)), None)
+
+
+def parse_choices(request: Any) -> None:
+    """Check every Choice-typed field of a request dataclass and store it as the member.
+
+    Called from `__post_init__`, so a Python caller passing `"bfloat16"` or a
+    bad value gets the same member or the same one-sentence error
+    (`--select 'x' is not one of ...`) as the command line; the flag is the
+    field's name in dashes.
+    """
+    hints = get_type_hints(type(request))
+    for f in dataclasses.fields(request):
+        choice = _choice_of(hints.get(f.name))
+        if choice is not None:
+            flag = "--" + f.name.replace("_", "-")
+            setattr(request, f.name, choice.parse_optional(getattr(request, f.name), flag))
 
 
 def output_kind(path: str | Path) -> ModelFormat:

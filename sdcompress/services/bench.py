@@ -31,7 +31,7 @@ import torch
 from sdcompress.arch.families import FAMILIES, Config, Family, find_family, get_family
 from sdcompress.arch.presets import PRESETS, get_preset, preset_for_family
 from sdcompress.checkpoint.model import disk_size
-from sdcompress.choices import DType, resolve_dtype
+from sdcompress.choices import DType, parse_choices, resolve_dtype
 from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
 
@@ -55,7 +55,7 @@ class BenchRequest:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.dtype = DType.parse_optional(self.dtype, "--dtype")
+        parse_choices(self)
         if self.family is not None and not self.random_weights:
             raise SdcError("--family applies with --random-weights (real models know their family); drop it.")
 

@@ -20,7 +20,15 @@ from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.checkpoint.writers import save_diffusers, save_single_file
-from sdcompress.choices import ConvertFormat, DType, ModelFormat, PredictionType, output_kind, resolve_dtype
+from sdcompress.choices import (
+    ConvertFormat,
+    DType,
+    ModelFormat,
+    PredictionType,
+    output_kind,
+    parse_choices,
+    resolve_dtype,
+)
 from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
 
@@ -43,10 +51,7 @@ class ConvertRequest:
     format: ConvertFormat | None = None
 
     def __post_init__(self) -> None:
-        self.dtype = DType.parse_optional(self.dtype, "--dtype")
-        self.vae_dtype = DType.parse_optional(self.vae_dtype, "--vae-dtype")
-        self.prediction_type = PredictionType.parse_optional(self.prediction_type, "--prediction-type")
-        self.format = ConvertFormat.parse_optional(self.format, "--format")
+        parse_choices(self)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.checkpoint.writers import save_diffusers, save_single_file
-from sdcompress.choices import LoraFormat, ModelFormat, output_kind
+from sdcompress.choices import LoraFormat, ModelFormat, output_kind, parse_choices
 from sdcompress.choices import MergeMethod as MethodName
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.block_weights import BlockWeights
@@ -84,8 +84,7 @@ class MergeRequest:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        self.method = MethodName.parse_optional(self.method, "--method")
-        self.format = LoraFormat.parse_optional(self.format, "--format")
+        parse_choices(self)
         self.check_options()
 
     def job(self) -> str:

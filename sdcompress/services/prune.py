@@ -27,7 +27,7 @@ from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor
 from sdcompress.checkpoint.writers import save_diffusers
-from sdcompress.choices import MidBlock, SelectMethod
+from sdcompress.choices import MidBlock, SelectMethod, parse_choices
 from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
 from sdcompress.prune import importance as imp
@@ -63,8 +63,7 @@ class PruneRequest:
     allow_pickle: bool = False
 
     def __post_init__(self) -> None:
-        self.select = SelectMethod.parse(self.select, "--select")
-        self.mid_block = MidBlock.parse_optional(self.mid_block, "--mid-block")
+        parse_choices(self)
 
 
 @dataclass
