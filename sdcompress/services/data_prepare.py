@@ -18,6 +18,7 @@ from typing import Any
 
 from sdcompress.checkpoint.atomic import Overwrite, atomic_dir, check_output
 from sdcompress.errors import SdcError
+from sdcompress.training import shards
 from sdcompress.training.config import DataConfig
 from sdcompress.training.prepare import SETTINGS, PrepareProgress, PrepareSettings, ProgressCallback
 
@@ -99,9 +100,15 @@ def _check_resume(work: Path, settings: PrepareSettings, resume: bool) -> None:
         )
 
 
+def _process_state():
+    """This process's rank among those `accelerate launch` started (one process when run directly)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not __import__("torch").cuda.is_available())
+
+
 def _images(data: DataConfig):
     """The scanned source as the trainer sees it (records, buckets, crops); the scan's counts too."""
-    from sdcompress.training import shards
     from sdcompress.training.data import CaptionedImages, scan
 
     if shards.is_prepared(data.data_dir):
@@ -112,6 +119,19 @@ def _images(data: DataConfig):
     return CaptionedImages(records, data, seed=0, hf_dataset=hf_dataset), stats
 
 
+def _publish(preparer, work: Path, output: Path, request: DataPrepareRequest, stats, source: str) -> dict:
+    """The index (written last), then the finished dataset moved to OUT in one step; the work folder goes."""
+    index = preparer.finish(
+        work, {"data": source, "images": stats.images + stats.unreadable}, list(stats.unreadable_examples)
+    )
+    (work / SETTINGS).unlink()
+    with atomic_dir(output, overwrite=request.overwrite) as tmp:
+        for entry in sorted(os.listdir(work)):
+            os.replace(work / entry, tmp / entry)
+    shutil.rmtree(work, ignore_errors=True)
+    return index
+
+
 def data_prepare(request: DataPrepareRequest, progress: ProgressCallback | None = None) -> DataPrepareResult:
     """Prepare (or resume preparing) a dataset and publish it to `request.output`."""
     import torch
@@ -120,12 +140,14 @@ def data_prepare(request: DataPrepareRequest, progress: ProgressCallback | None 
     from sdcompress.training.prepare import Preparer, load_encoders
 
     started = time.perf_counter()
+    state = _process_state()
+    rank, world = state.process_index, state.num_processes
     source_ref = request.data.data_dir or request.data.dataset_name
     output = check_output(
         request.output, overwrite=request.overwrite, inputs=[request.data.data_dir, request.model], kind="dir"
     )
     work = work_dir_of(output)
-    device = resolve_device(request.device)
+    device = state.device if world > 1 and request.device == "auto" else resolve_device(request.device)
     storage = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(request.dtype)
     PrepareSettings(
         request.model, request.data, request.dtype, request.shard_size, request.batch_size
@@ -145,38 +167,38 @@ def data_prepare(request: DataPrepareRequest, progress: ProgressCallback | None 
     _check_resume(work, settings, request.resume)
     images, stats = _images(data)
     preparer = Preparer(images, encoders, settings, device, num_workers=request.num_workers)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / SETTINGS).write_text(
-        json.dumps(settings.record(), indent=1, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / SETTINGS).write_text(
+            json.dumps(settings.record(), indent=1, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    state.wait_for_everyone()
 
     kept = 0
-    last = PrepareProgress(0, len(images), 0, -1)
+    last = PrepareProgress(0, preparer.samples_of(rank, world), 0, -1)
 
     def report(event: PrepareProgress) -> None:
         nonlocal kept, last
         kept, last = event.kept_shards, event
-        if progress is not None:
+        if progress is not None and rank == 0:  # one bar: the main process's own shards
             progress(event)
 
     report(last)
     interrupted = False
     encoding_started = time.perf_counter()
     try:
-        preparer.run(work, report)
+        preparer.run(work, report, rank, world)
     except KeyboardInterrupt:
         interrupted = True
     index: dict[str, Any] = {}
     published = None
     if not interrupted:
-        source = {"data": str(source_ref), "images": stats.images + stats.unreadable}
-        index = preparer.finish(work, source, list(stats.unreadable_examples))
-        (work / SETTINGS).unlink()
-        with atomic_dir(output, overwrite=request.overwrite) as tmp:
-            for entry in sorted(os.listdir(work)):
-                os.replace(work / entry, tmp / entry)
-        shutil.rmtree(work, ignore_errors=True)
+        state.wait_for_everyone()  # every rank's shards are written
+        if rank == 0:
+            index = _publish(preparer, work, output, request, stats, str(source_ref))
+        state.wait_for_everyone()
         published = output
+        index = index or json.loads((output / shards.INDEX).read_text(encoding="utf-8"))
     seconds = time.perf_counter() - started
     written = last.done - last.skipped
     kept_samples = min(kept * request.shard_size, written)  # kept shards are full unless one is the last

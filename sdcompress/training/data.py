@@ -275,6 +275,16 @@ def rank_batches(batches: list[list[int]], rank: int, world: int) -> list[list[i
     return [batches[step * world + rank] for step in range(per_rank)]
 
 
+def plan_epoch(
+    dataset: Any, batch_size: int, seed: int, epoch: int, rank: int, world: int
+) -> list[list[int]]:
+    """This process's batches of one epoch; a dataset may plan its own (prepared shards: one rank, own shards)."""
+    own = getattr(dataset, "rank_batches", None)
+    if own is not None and world > 1:
+        return own(batch_size, seed, epoch, rank, world)
+    return rank_batches(epoch_batches(dataset.targets, batch_size, seed, epoch), rank, world)
+
+
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Yields one epoch's batches for this rank, starting at batch `skip`; keys carry the epoch."""
 

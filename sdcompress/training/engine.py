@@ -39,8 +39,7 @@ from sdcompress.training.data import (
     ResumableBatchSampler,
     build_dataset,
     collate,
-    epoch_batches,
-    rank_batches,
+    plan_epoch,
 )
 from sdcompress.training.task import TrainingSummary, TrainTask
 from sdcompress.training.validation import render_grid, save_grid
@@ -225,9 +224,7 @@ class _Loop:
         if check_data is not None:
             check_data(self.dataset)
         self.rank, self.world = acc.process_index, acc.num_processes
-        first = rank_batches(
-            epoch_batches(self.dataset.targets, config.batch_size, config.seed, 0), 0, self.world
-        )
+        first = plan_epoch(self.dataset, config.batch_size, config.seed, 0, 0, self.world)
         self.batches_per_epoch = len(first)
         self.max_steps = _total_steps(config, self.batches_per_epoch)
 
@@ -290,10 +287,8 @@ class _Loop:
         """(epoch, batch) from global micro-batch `start` on, crossing epochs forever."""
         epoch, skip = divmod(start, self.batches_per_epoch)
         while True:
-            batches = rank_batches(
-                epoch_batches(self.dataset.targets, self.config.batch_size, self.config.seed, epoch),
-                self.rank,
-                self.world,
+            batches = plan_epoch(
+                self.dataset, self.config.batch_size, self.config.seed, epoch, self.rank, self.world
             )
             loader = torch.utils.data.DataLoader(
                 self.dataset,

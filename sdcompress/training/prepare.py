@@ -268,11 +268,16 @@ class Preparer:
         """The shards this process writes: every world-th, so ranks never write the same file."""
         return list(range(rank, self.shard_count, world))
 
+    def samples_of(self, rank: int = 0, world: int = 1) -> int:
+        """How many images the shards of this rank take in (skipped ones included)."""
+        size, count = self.settings.shard_size, len(self.images)
+        return sum(min(size, count - n * size) for n in self.shard_numbers(rank, world))
+
     def run(
         self, work: Path, progress: ProgressCallback | None = None, rank: int = 0, world: int = 1
     ) -> None:
         """Write every missing shard of this rank; finished ones (from an interrupted run) are kept."""
-        total = len(self.images)
+        total = self.samples_of(rank, world)
         done = skipped = kept = 0
         for number in self.shard_numbers(rank, world):
             record = _finished(work, number)

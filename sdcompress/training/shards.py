@@ -188,6 +188,10 @@ class _Shards:
         start = 0 if number == 0 else int(self.ends[number - 1])
         return number, index - start
 
+    def samples_of(self, numbers) -> list[int]:
+        """The global sample numbers held by the given shards, in order."""
+        return [i for n in numbers for i in range(0 if n == 0 else int(self.ends[n - 1]), int(self.ends[n]))]
+
     def read(self, index: int) -> dict[str, Any]:
         number, position = self.locate(index)
         return self._open(number)[position]
@@ -222,6 +226,32 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.index.samples
+
+    def rank_batches(self, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+        """With several processes, each reads only its own shards (every world-th): no two ranks open one.
+
+        Within its shards a rank shuffles as `epoch_batches` does (seeded by seed, epoch and rank);
+        every rank keeps as many batches as the rank with the fewest, so all take the same steps.
+        """
+        from sdcompress.training.data import epoch_batches
+
+        if len(self.index.shards) < world:
+            raise SdcError(
+                f"{self.index.root} has {len(self.index.shards)} shard(s), fewer than the {world} processes; "
+                "prepare it again with a smaller --shard-size."
+            )
+        plans = []
+        for r in range(world):
+            owned = self._shards.samples_of(range(r, len(self.index.shards), world))
+            batches = epoch_batches([self.targets[i] for i in owned], batch_size, seed * world + r, epoch)
+            plans.append([[owned[j] for j in batch] for batch in batches])
+        common = min(len(p) for p in plans)
+        if common == 0:
+            raise SdcError(
+                f"some of the {world} processes get no full batch from {self.index.root}; "
+                "lower --batch-size or prepare it with a smaller --shard-size."
+            )
+        return plans[rank][:common]
 
     def _empty_prompt(self) -> dict[str, torch.Tensor]:
         if self._empty is None:
