@@ -3,7 +3,8 @@
 It answers what `HfApi.create_repo`, `create_branch` and `create_commit`
 call (with every file in "regular" upload mode, so no LFS or Xet transfer is
 involved): `POST /api/repos/create`, `POST /api/validate-yaml`,
-`GET /api/models/{repo}`, `POST /api/models/{repo}/branch/{branch}`,
+`GET /api/models/{repo}` (and `/revision/{rev}`, which huggingface_hub < 1.0 asks
+before a commit), `POST /api/models/{repo}/branch/{branch}`,
 `POST /api/models/{repo}/preupload/{rev}` and
 `POST /api/models/{repo}/commit/{rev}` (NDJSON, base64 contents). Anything
 else is recorded in `unknown` and answered 404, so a test can assert the
@@ -171,6 +172,7 @@ class FakeHub:
             ("POST", r"/api/repos/create", self._create_repo),
             ("POST", r"/api/validate-yaml", self._validate_yaml),
             ("GET", rf"/api/models/{_REPO}", self._repo_info),
+            ("GET", rf"/api/models/{_REPO}/revision/(?P<rev>.+)", self._repo_info),
             ("POST", rf"/api/models/{_REPO}/branch/(?P<rev>.+)", self._create_branch),
             ("POST", rf"/api/models/{_REPO}/preupload/(?P<rev>.+)", self._preupload),
             ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>.+)", self._commit),
@@ -200,7 +202,9 @@ class FakeHub:
                 h, 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
             )
             return
-        self.repos[repo_id] = Repo(repo_id, private=payload.get("visibility") == "private")
+        # huggingface_hub >= 1.0 sends "visibility"; older versions send "private": true.
+        private = payload.get("visibility") == "private" or payload.get("private") is True
+        self.repos[repo_id] = Repo(repo_id, private=private)
         self._reply(h, 200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
 
     def _validate_yaml(self, h, body, query) -> None:
@@ -212,11 +216,13 @@ class FakeHub:
         else:
             self._reply(h, 200, {"errors": [], "warnings": []})
 
-    def _repo_info(self, h, body, query, repo: str) -> None:
+    def _repo_info(self, h, body, query, repo: str, rev: str = "main") -> None:
         if not self._auth(h, write=False):
             return
         r = self._repo_or_404(h, repo)
-        if r is not None:
+        if r is not None and rev not in r.branches:
+            self._error(h, 404, f"Invalid rev id: {rev}", code="RevisionNotFound")
+        elif r is not None:
             sha = r.commits[-1].oid if r.commits else "0" * 40
             self._reply(
                 h, 200, {"id": repo, "modelId": repo, "sha": sha, "private": r.private, "siblings": []}

@@ -12,6 +12,8 @@ from sdcompress.errors import SdcError
 from sdcompress.training.data import (
     DataConfig,
     ResumableBatchSampler,
+    _bucket_ladder,
+    bucket_sizes,
     build_dataset,
     collate,
     crop_and_resize,
@@ -104,6 +106,26 @@ def test_epoch_order_is_seeded_and_sharded():
     assert [k for k in sampler][0] == [(i, 5) for i in a[3]]
     with pytest.raises(SdcError, match="fewer than"):
         rank_batches(a[:1], 0, 2)
+
+
+def test_bucket_ladder_spans_the_ratios_at_the_pixel_budget():
+    sizes = bucket_sizes(1024, 64)
+    assert sizes[0] == (1024, 1024) and (1152, 896) in sizes and (896, 1152) in sizes
+    assert all(h % 64 == 0 and w % 64 == 0 and abs(h * w / 1024**2 - 1) < 0.1 for h, w in sizes)
+    assert len(set(sizes)) == len(sizes) == 9  # 3:4 and 1:2 round onto 4:5 and 9:16 at this size
+    assert _bucket_ladder(8, 16) == [(16, 16)]  # never a side under one step
+
+
+def test_bucket_ladder_fallback_is_the_ladder_diffusers_builds():
+    """diffusers < 0.40 has no `generate_aspect_ratio_buckets`; our fallback must give its buckets."""
+    from diffusers import training_utils
+
+    if not hasattr(training_utils, "generate_aspect_ratio_buckets"):
+        pytest.skip("this diffusers (< 0.40) has no ladder to compare with; the other bucket tests run ours")
+    for resolution in (64, 72, 120, 256, 512, 768, 1000, 1024, 1536):
+        for step in (8, 16, 64):
+            expected = training_utils.generate_aspect_ratio_buckets(resolution, divisibility=step)
+            assert _bucket_ladder(resolution, step) == expected, (resolution, step)
 
 
 def test_buckets_crop_and_flip(tmp_path):

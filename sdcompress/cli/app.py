@@ -161,7 +161,10 @@ def _root(
 
 def main() -> None:
     """Run the CLI; every error the user can fix is one line on stderr with exit code 2 (1 for Ctrl-D)."""
-    from typer._click import exceptions as click_errors  # typer vendors click: its own exception types
+    try:
+        from typer._click import exceptions as click_errors  # typer >= 0.26 vendors click: its own types
+    except ImportError:  # typer < 0.26 (our floor is 0.15) runs on the click package
+        from click import exceptions as click_errors
 
     try:
         code = app(standalone_mode=False)

@@ -179,6 +179,28 @@ def hub_errors(endpoint: str, repo_id: str, token: str | None = None) -> Iterato
         raise
 
 
+@contextlib.contextmanager
+def _commit_urls_parse(endpoint: str) -> Iterator[None]:
+    """Let huggingface_hub < 1.0 read back a commit made on an `--endpoint` other than its default.
+
+    Those versions parse the returned commit URL against the default endpoint (HF_ENDPOINT), not
+    the one `HfApi` was given, and raise after the commit is made on any other host; 1.0 passes the
+    endpoint along. For older versions the default points at `endpoint` for the call only.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if int(huggingface_hub.__version__.split(".")[0]) >= 1 or endpoint == constants.ENDPOINT:
+        yield
+        return
+    default = constants.ENDPOINT
+    constants.ENDPOINT = endpoint
+    try:
+        yield
+    finally:
+        constants.ENDPOINT = default
+
+
 def commit_files(
     files: list[UploadFile],
     *,
@@ -194,7 +216,7 @@ def commit_files(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
-    with hub_errors(api.endpoint, repo_id, token):
+    with hub_errors(api.endpoint, repo_id, token), _commit_urls_parse(api.endpoint):
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)

@@ -211,9 +211,33 @@ def scan(config: DataConfig) -> tuple[list[Record], DataStats, Any]:
 
 def bucket_sizes(resolution: int, step: int = BUCKET_DIVISIBILITY) -> list[tuple[int, int]]:
     """The (h, w) buckets for a pixel budget of resolution**2, each side a multiple of `step`."""
-    from diffusers.training_utils import generate_aspect_ratio_buckets
-
+    try:
+        from diffusers.training_utils import generate_aspect_ratio_buckets
+    except ImportError:  # diffusers < 0.40 (our floor is 0.35) lacks it: the same ladder, computed here
+        return _bucket_ladder(resolution, step)
     return generate_aspect_ratio_buckets(resolution, divisibility=step)
+
+
+# Width:height ratios of the bucket ladder, as diffusers >= 0.40 spaces them: square, then each
+# portrait/landscape pair from 4:5 out to 1:2. Only `_bucket_ladder` reads it.
+_LADDER_RATIOS = ((1, 1), (4, 5), (5, 4), (2, 3), (3, 2), (3, 4), (4, 3), (9, 16), (16, 9), (1, 2), (2, 1))
+
+
+def _bucket_ladder(resolution: int, step: int) -> list[tuple[int, int]]:
+    """Buckets of about resolution**2 pixels at each ladder ratio, sides rounded to multiples of `step`.
+
+    Gives what diffusers' `generate_aspect_ratio_buckets` gives (a test compares the two where it
+    exists), so a data set gets the same buckets whichever diffusers is installed.
+    """
+    sizes: list[tuple[int, int]] = []
+    for ratio_w, ratio_h in _LADDER_RATIOS:
+        aspect = ratio_w / ratio_h
+        height = (resolution * resolution / aspect) ** 0.5  # h * w = resolution**2 and w / h = aspect
+        width = height * aspect
+        size = (max(step, round(height / step) * step), max(step, round(width / step) * step))
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
 
 
 def model_bucket_step(vae_config: dict, unet_config: dict) -> int:
