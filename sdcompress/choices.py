@@ -102,10 +102,14 @@ def dtype_name(dtype: torch.dtype | None) -> DType | None:
 
 
 class PredictionType(Choice):
-    """What the U-Net predicts; written into scheduler_config.json, so nothing else is accepted."""
+    """What the U-Net predicts; written into scheduler_config.json, so nothing else is accepted.
+
+    `sample` (x0) is what some step-distilled teachers predict; every diffusers scheduler reads it.
+    """
 
     EPSILON = "epsilon"
     V_PREDICTION = "v_prediction"
+    SAMPLE = "sample"
 
 
 class ModelFormat(Choice):

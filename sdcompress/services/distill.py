@@ -78,7 +78,39 @@ def run_record(
         feature_pairs=[p.to_dict() for p in pairs],
         snr_gamma=request.loss.snr_gamma,
         noise_offset=request.loss.noise.offset,
+        prediction_type=student_prediction(request, teacher),
+        teacher_prediction_type=teacher.prediction_type,
+        timesteps=request.loss.noise.timesteps,
     )
+
+
+def student_prediction(request: DistillRequest, teacher) -> str:
+    """What the student learns to predict: --prediction-type, else what the teacher predicts."""
+    return str(request.loss.noise.prediction_type or teacher.prediction_type)
+
+
+def student_scheduler_config(request: DistillRequest, teacher) -> dict:
+    """The teacher's scheduler settings with what inference with the student needs.
+
+    Its prediction type, and with `--timesteps trailing:4`-style training the spacing the student was
+    trained for (SDXL-Lightning and KOALA-Lightning are sampled with `timestep_spacing="trailing"`).
+    """
+    from sdcompress.training.noise import timestep_spacing
+
+    config = dict(teacher.configs["scheduler"])
+    config["prediction_type"] = student_prediction(request, teacher)
+    spacing = timestep_spacing(request.loss.noise.timesteps)
+    if spacing is not None:
+        config["timestep_spacing"] = spacing
+    return config
+
+
+def _validation_for_timesteps(train: TrainConfig, allowed) -> TrainConfig:
+    """Validation images at the teacher's step count when training on a step-distilled teacher's timesteps."""
+    default_steps = type(train.validation)().steps
+    if allowed is None or train.validation.steps != default_steps:
+        return train
+    return replace(train, validation=replace(train.validation, steps=len(allowed)))
 
 
 def _load(request: DistillRequest):
@@ -112,11 +144,17 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     pairs = pair_features(student_unet, pipe.unet, request.features, request.teacher)
     parts = DiffusionParts.from_pipeline(pipe)
     teacher_unet, parts.unet = parts.unet, student_unet
+    scheduler_config = student_scheduler_config(request, teacher)
+    scheduler = parts.extra_components["scheduler"]  # validation samples as the student will be sampled
+    parts.extra_components["scheduler"] = type(scheduler).from_config(
+        {**scheduler.config, **scheduler_config}
+    )
     dtype = save_dtype(request.save_dtype, teacher)
 
     def save(unet: torch.nn.Module, out: Path, summary: TrainingSummary) -> None:
         weights = lazy_state_dict({k: v.detach().cpu() for k, v in unet.state_dict().items()})
         model = teacher.with_unet(weights, dict(student.configs["unet"]))
+        model.configs["scheduler"] = scheduler_config
         record = run_record(request, teacher, student.configs["unet"], pairs, summary)
         save_diffusers(model, out, dtype=dtype, overwrite=True, extra_files=run_record_file(record))
 
@@ -128,9 +166,11 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
         loss=request.loss,
         feature_norm=request.feature_norm,
         saver=save,
+        teacher_prediction=teacher.prediction_type,
     )
+    train = _validation_for_timesteps(replace(request.train, output_dir=output), task.allowed_timesteps)
     try:
-        result = run_training(task, replace(request.train, output_dir=output), data, progress)
+        result = run_training(task, train, data, progress)
     finally:
         task.close()
     return DistillResult(**vars(result), feature_pairs=pairs)

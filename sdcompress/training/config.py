@@ -206,9 +206,18 @@ class NoiseConfig:
         default=None,
         metadata=option(
             "--prediction-type",
-            "epsilon or v_prediction (default: the model's).",
+            "epsilon, v_prediction or sample (default: the model's; distill: the teacher's).",
             LOSS,
             choices=PredictionType,
+        ),
+    )
+    timesteps: str | None = field(  # None: every training timestep
+        default=None,
+        metadata=option(
+            "--timesteps",
+            "Train only at these timesteps, as a step-distilled teacher was: trailing:4, leading:N, "
+            "linspace:N or a list such as 999,749,499,249 (default: all).",
+            LOSS,
         ),
     )
 

@@ -2,6 +2,11 @@
 
 L = w_task * L_task + w_out * MSE(student, teacher) + w_feat * sum_i MSE(f_student_i, f_teacher_i),
 each MSE mean-reduced, every term returned for logging (BK-SDM's weights 1/1/1 by default).
+
+Like with like: the output loss compares both predictions in the *student's* prediction space (the
+teacher's epsilon, v or x0 output is converted at the same noisy latents and timestep), the space
+the task loss is in too. Features are the U-Nets' inner activations, which mean something else when
+the two predict different things, so feature matching needs one prediction type for both.
 The teacher is frozen, runs without gradients in half precision on a GPU (fp32
 on the CPU, where half is slow and inexact), and shares the student's single
 text-encoder forward and noisy latents.
@@ -20,6 +25,7 @@ from sdcompress.errors import SdcError
 from sdcompress.training.config import DistillWeights
 from sdcompress.training.features import FeaturePair, FeatureTaps
 from sdcompress.training.losses import feature_mse
+from sdcompress.training.noise import convert_prediction
 from sdcompress.training.task import DiffusionParts, DiffusionTask, LossConfig, TrainingSummary, run_unet
 
 StudentSaver = Callable[[torch.nn.Module, Path, TrainingSummary], None]
@@ -40,8 +46,17 @@ class DistillTask(DiffusionTask):
         weights: DistillWeights = DistillWeights(),
         loss: LossConfig = LossConfig(),
         feature_norm: bool = False,
+        teacher_prediction: str | None = None,
     ) -> None:
         super().__init__(parts, loss)
+        # The pipeline's scheduler is the teacher's, so its prediction type is the teacher's by default.
+        self.teacher_prediction = str(teacher_prediction or parts.noise_scheduler.config.prediction_type)
+        if self.teacher_prediction != self.prediction_type and pairs and weights.features:
+            raise SdcError(
+                f"the teacher predicts {self.teacher_prediction} and the student {self.prediction_type}, so "
+                "their features cannot be compared; pass --features none (or --feature-weight 0), or train "
+                "the student with the teacher's --prediction-type."
+            )
         self.teacher = teacher.eval().requires_grad_(False)
         self.pairs = pairs
         self.weights = weights
@@ -77,6 +92,14 @@ class DistillTask(DiffusionTask):
         self._student_taps.clear()
         with torch.no_grad():
             teacher_pred = run_unet(self.teacher, prepared, dtype=self.teacher_dtype)
+            teacher_pred = convert_prediction(
+                teacher_pred.float(),
+                self.teacher_prediction,
+                self.prediction_type,
+                prepared.noisy.noisy_latents,
+                prepared.noisy.timesteps,
+                self.parts.noise_scheduler,
+            )
         student_pred = run_unet(self.student, prepared)
         task = self.task_loss(student_pred, prepared)
         output = F.mse_loss(student_pred.float(), teacher_pred.float())

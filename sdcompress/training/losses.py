@@ -7,13 +7,19 @@ import torch.nn.functional as F
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Per-sample Min-SNR weights: min(snr, gamma) / snr, divided by (snr + 1) for v-prediction."""
+    """Per-sample Min-SNR weights: min(snr, gamma) / snr, divided by (snr + 1) for v-prediction.
+
+    The x0 (sample) loss is the epsilon loss divided by snr, so the paper's min(snr, gamma) on x0
+    is the same weighting as min(snr, gamma) / snr on epsilon.
+    """
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
+    if prediction_type == "sample":
+        return clipped
     return clipped / snr
 
 

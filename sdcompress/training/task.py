@@ -19,7 +19,7 @@ from sdcompress.errors import SdcError
 from sdcompress.training.conditioning import Conditioning, encode_prompts, unet_added_conditions
 from sdcompress.training.config import LossConfig
 from sdcompress.training.losses import diffusion_loss
-from sdcompress.training.noise import NoisyBatch, add_noise
+from sdcompress.training.noise import PREDICTION_TYPES, NoisyBatch, add_noise, timestep_set
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,13 @@ class DiffusionTask:
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self._latent_cache: dict[int, torch.Tensor] = {}
+        self.prediction_type = str(loss.noise.prediction_type or parts.noise_scheduler.config.prediction_type)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise SdcError(
+                f"the model's scheduler predicts {self.prediction_type!r}, which this trainer cannot train "
+                f"(it knows {', '.join(PREDICTION_TYPES)}); pass --prediction-type with one of those."
+            )
+        self.allowed_timesteps = timestep_set(loss.noise.timesteps, parts.noise_scheduler)
         self.parts.vae.requires_grad_(False)
         for encoder in self.parts.text_encoders:
             encoder.requires_grad_(train_text_encoders)
@@ -226,7 +233,9 @@ class DiffusionTask:
         """Latents, conditioning, noise, timesteps and target for one batch."""
         latents = self.latents(batch)
         cond = self.encode(batch)
-        noisy = add_noise(self.parts.noise_scheduler, latents, self.loss_config.noise, generator)
+        noisy = add_noise(
+            self.parts.noise_scheduler, latents, self.loss_config.noise, generator, self.allowed_timesteps
+        )
         added = unet_added_conditions(cond, batch, self.device, torch.float32)
         return PreparedBatch(noisy=noisy, cond=cond, added=added)
 
