@@ -60,3 +60,19 @@ def tree_digest(path: Path) -> dict[str, bytes]:
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p): hashlib.sha256(p.read_bytes()).digest() for p in files}
+
+
+def load_lora_file(pipe, path: Path | str) -> None:
+    """`pipe.load_lora_weights(file)`, as diffusers documents it and users call it.
+
+    diffusers < 0.40 refuses a file path without `weight_name` when HF_HUB_OFFLINE is set (as the
+    tests run): there the file's own name is passed too, which every version accepts.
+    """
+    import diffusers
+    from packaging.version import Version
+
+    path = Path(path)
+    if Version(diffusers.__version__) >= Version("0.40"):
+        pipe.load_lora_weights(str(path))
+    else:
+        pipe.load_lora_weights(str(path), weight_name=path.name)

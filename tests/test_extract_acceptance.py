@@ -20,6 +20,7 @@ import re
 
 import pytest
 import torch
+from conftest import load_lora_file
 from peft.tuners.lora import LoraLayer
 
 from sdcompress.checkpoint.resolve import load_model
@@ -102,7 +103,7 @@ def test_diffusers_loads_the_file_as_a_user_does_and_fuses_to_our_weights(setup,
         assert len(alphas) == 1
 
     pipe = load()
-    pipe.load_lora_weights(str(out))
+    load_lora_file(pipe, str(out))
     injected = sum(
         sum(isinstance(m, LoraLayer) for m in getattr(pipe, c).modules()) for c in components
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_lora_file
 
 from sdcompress.checkpoint.instantiate import build_pipeline
 from sdcompress.checkpoint.resolve import load_model
@@ -93,7 +94,7 @@ def test_lora_train_lowers_loss_and_loads_in_diffusers(sd_lora, data):
     base = pipeline(model)
     before = fixed_loss(base, data)
     pipe = pipeline(model)
-    pipe.load_lora_weights(str(kohya))
+    load_lora_file(pipe, str(kohya))
     assert _adapted_layers(pipe) == len(lora.adapters)  # every module in the file became a LoRA layer
     pipe.fuse_lora()
     pipe.unload_lora_weights()
@@ -148,7 +149,7 @@ def test_sdxl_lora_loads_in_diffusers(tmp_path, data):
     assert lora.metadata["ss_base_model_version"].startswith("sdxl")
     assert any("input_blocks" in n for n in lora.adapters)  # SGM names for the SDXL U-Net, as kohya writes
     pipe = pipeline(load_model("tiny-sdxl"))
-    pipe.load_lora_weights(str(result.files[0]))
+    load_lora_file(pipe, str(result.files[0]))
     assert _adapted_layers(pipe) == len(lora.adapters)
 
 
@@ -171,7 +172,7 @@ def test_lora_on_ssd1b_student_loads_and_merges(tmp_path, data):
     baked, adapted = bake_loras(student, [(lora, 1.0)])
     assert adapted == len(lora.adapters) > 0
     pipe = pipeline(student)
-    pipe.load_lora_weights(str(result.files[0]))
+    load_lora_file(pipe, str(result.files[0]))
     assert _adapted_layers(pipe) == len(lora.adapters)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
