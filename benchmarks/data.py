@@ -72,8 +72,9 @@ def synthesize(root: Path, samples: int, shard_size: int) -> None:
             }
             members.append((S.sample_key(index), S.encode_sample(tensors, meta)))
         path = root / S.shard_name(number)
-        write_shard(path, members)
-        records.append(ShardRecord(path.name, last - first, [0] * (last - first), path.stat().st_size))
+        offsets = write_shard(path, members)
+        count = last - first
+        records.append(ShardRecord(path.name, count, [0] * count, path.stat().st_size, offsets=offsets))
     write_index(
         root,
         records,
@@ -138,9 +139,24 @@ def child_distill(args) -> dict:
 
     from sdcompress.services.distill import DistillRequest, distill
     from sdcompress.training.config import DataConfig, TrainConfig
+    from sdcompress.training.task import DiffusionTask
 
     torch.set_num_threads(1)
     work = Path(args.work)
+    inputs_cpu = [0.0]  # CPU seconds spent turning batches into latents and embeddings
+
+    def timed(method):
+        def wrapper(self, batch):
+            t0 = time.process_time()
+            try:
+                return method(self, batch)
+            finally:
+                inputs_cpu[0] += time.process_time() - t0
+
+        return wrapper
+
+    DiffusionTask.latents = timed(DiffusionTask.latents)
+    DiffusionTask.encode = timed(DiffusionTask.encode)
     stamps: list[float] = []
     cpu: list[float] = []
 
@@ -170,6 +186,7 @@ def child_distill(args) -> dict:
     return {
         "step_s": statistics.median(steps),
         "cpu_s": statistics.median(cpu_steps),
+        "inputs_cpu_s": inputs_cpu[0] / args.steps,
         "steps_timed": len(steps),
     }
 
@@ -228,6 +245,7 @@ def main() -> None:
             disk = sum(p.stat().st_size for p in path.iterdir())
             result = _child("open", path=path, batch_size=args.batch_size, loader_batches=args.loader_batches)
             report["open"].append({**result, "disk_bytes": disk, "write_s": written})
+            print(f"{size} samples: {json.dumps(report['open'][-1])}", file=sys.stderr, flush=True)
             shutil.rmtree(path)
         report["distill"] = distill_comparison(args, tmp)
     finally:
@@ -245,14 +263,15 @@ def main() -> None:
     d = report["distill"]
     print()
     folder, ready = d["folder"], d["shards"]
-    print("| distill tiny-sd -> bk-small | step (wall) | step (CPU) | prepare |")
-    print("|---|---:|---:|---:|")
+    print("| distill tiny-sd -> bk-small | step (wall) | step (CPU) | inputs (CPU) | prepare |")
+    print("|---|---:|---:|---:|---:|")
     print(
         f"| image folder ({d['images']} images) | {folder['step_s'] * 1000:.0f} ms "
-        f"| {folder['cpu_s'] * 1000:.0f} ms | - |"
+        f"| {folder['cpu_s'] * 1000:.0f} ms | {folder['inputs_cpu_s'] * 1000:.1f} ms | - |"
     )
     print(
         f"| prepared shards | {ready['step_s'] * 1000:.0f} ms | {ready['cpu_s'] * 1000:.0f} ms "
+        f"| {ready['inputs_cpu_s'] * 1000:.1f} ms "
         f"| {d['prepare_s']:.1f} s ({d['prepare_samples_per_s']:.1f} samples/s) |"
     )
     print(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("wids")
+pytest.importorskip("webdataset")
 
 SCRIPT = textwrap.dedent(
     """

@@ -25,7 +25,7 @@ from sdcompress.training import shards
 from sdcompress.training.data import DataConfig, build_dataset, collate
 from sdcompress.training.demo_data import write_demo_dataset
 
-pytest.importorskip("wids")
+pytest.importorskip("webdataset")
 RES = 32
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,7 @@ class ShardRecord:
     filesize: int
     missing_captions: int = 0
     skipped: list[str] = field(default_factory=list)
+    offsets: list[list[int]] = field(default_factory=list)  # `member_offsets`, one row per sample
 
 
 # ---------------------------------------------------------------------------- writing
@@ -205,19 +206,37 @@ def _shard_batches(targets: list[tuple[int, int]], first: int, last: int, size: 
     return [m[i : i + size] for t in sorted(groups) for m in [groups[t]] for i in range(0, len(m), size)]
 
 
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """One WebDataset shard, written under a temporary name and renamed when complete."""
-    from webdataset import TarWriter
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> list[list[int]]:
+    """One WebDataset shard, written under a temporary name and renamed when complete; returns its read index."""
+    TarWriter = S.require_webdataset().TarWriter
 
     tmp = path.with_name(path.name + ".partial")
     try:
         with open(tmp, "wb") as stream, TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
             for key, members in samples:
                 writer.write({"__key__": key, **members})
+        offsets = member_offsets(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+    return offsets
+
+
+def member_offsets(path: Path) -> list[list[int]]:
+    """Per sample, in order: byte offset and size of its safetensors member, then of its JSON member.
+
+    Stored in `offsets.npy`, so a reader goes straight to a sample's bytes without
+    parsing the shard's tar headers (see `shards._Shards` for why).
+    """
+    import tarfile
+
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, extension = member.name.partition(".")
+            members.setdefault(key, {})[extension] = (member.offset_data, member.size)
+    return [[*m["safetensors"], *m["json"]] for m in members.values()]
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -324,7 +343,7 @@ class Preparer:
         # Keys are scan numbers (unique, with gaps where an image was skipped); readers address a
         # sample by its position, so the dataset's sample n is the n-th kept image in scan order.
         path = work / S.shard_name(number)
-        write_shard(path, [(S.sample_key(i), encoded[i]) for i in order])
+        offsets = write_shard(path, [(S.sample_key(i), encoded[i]) for i in order])
         record = ShardRecord(
             url=path.name,
             nsamples=len(order),
@@ -332,6 +351,7 @@ class Preparer:
             filesize=path.stat().st_size,
             missing_captions=sum(1 for i in order if not captions[i]),
             skipped=sorted(skipped),
+            offsets=offsets,
         )
         _write_json(path.with_suffix(".json"), asdict(record))
         return record
@@ -385,6 +405,8 @@ def write_index(
 
     targets = np.array([t for r in records for t in r.targets], dtype=np.uint16)
     np.save(work / S.TARGETS, targets)
+    offsets = np.array([row for r in records for row in r.offsets], dtype=np.int64).reshape(-1, 4)
+    np.save(work / S.OFFSETS, offsets)
     save_file({k: v.contiguous() for k, v in empty.items()}, work / S.EMPTY_PROMPT)
     skipped = list(unreadable) + [s for r in records for s in r.skipped]
     index = {
@@ -401,11 +423,3 @@ def write_index(
     }
     _write_json(work / S.INDEX, index)
     return index
-
-
-def iter_samples(root: Path) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-    """Every sample of a finished dataset in order (for checks and tests)."""
-    index = S.read_index(root)
-    reader = S._Shards(index.root, index.shards)
-    for i in range(index.samples):
-        yield S.decode_sample(reader.read(i))
