@@ -240,7 +240,7 @@ def test_cpu_defaults_keep_a_tiny_model_within_the_budget_and_a_gpu_keeps_full_r
     assert cpu.defaulted and cpu.samples == imp.CPU_SAMPLES
     assert cpu.size < model.family.resolution and cpu.flops <= imp.CPU_FLOP_BUDGET and not cpu.gpu_work
     assert cpu.passes == blocks + 1 and cpu.forwards == (blocks + 1) * cpu.samples
-    # the default that took 5 minutes: 8 samples at the family's resolution, 7x the budget
+    # the old default (5 minutes and more): 8 samples at the family's resolution, 16x the budget
     old = imp.scoring_plan(
         model, blocks=blocks, evaluate=False, device=torch.device("cpu"), samples=8, size=64
     )
@@ -316,3 +316,24 @@ def test_redirected_stderr_gets_progress_lines_with_an_eta(tmp_path, cli, monkey
     assert "scoring blocks: 0/" in err and re.search(
         r"scoring blocks: \d+/\d+ \(\d+%\), .* elapsed, about .* left", err
     )
+
+
+def test_small_cpu_passes_run_on_one_thread_and_threads_are_restored():
+    from dataclasses import replace
+
+    from sdcompress.prune import importance as imp
+
+    small = imp.ScoringPlan(45, 45, 4, 16, 8, 45 * 4 * 5e8, "cpu", True, False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for plan, inside in (
+            (small, 1),
+            (replace(small, flops=45 * 4 * 4e11), 2),
+            (replace(small, device="cuda"), 2),
+        ):
+            with imp.threads_for(plan):
+                assert torch.get_num_threads() == inside, plan
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -17,10 +17,9 @@ from rich.progress import (
 
 from sdcompress.cli._options import AllowPickle, Device, Json, Output, Overwrite, OverwriteForeign
 from sdcompress.cli._output import emit_json, err, human_bytes, human_count, note, out, success, table
-from sdcompress.services.prune import PruneRequest
-from sdcompress.services.prune import prune as run_prune
 
-if TYPE_CHECKING:  # importance imports torch: the CLI loads it only when a command runs
+if TYPE_CHECKING:  # these import torch: the CLI loads them only when the command runs
+    from sdcompress.checkpoint.tensors import LazyTensor
     from sdcompress.prune.importance import ScoringPlan
 
 
@@ -224,7 +223,7 @@ def prune(
         typer.Option(
             "--calibration-size",
             help="Calibration image size in pixels (default: the family's resolution on a GPU; on a CPU "
-            "smaller, down to a quarter of it, to keep scoring near half a minute).",
+            "smaller, down to a quarter of it, to keep scoring of a small model within seconds).",
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch size.")] = 4,
@@ -249,6 +248,10 @@ def prune(
     Writes a diffusers pipeline (student U-Net with the teacher's VAE, text encoders, tokenizers and
     scheduler) or with --unet-only the U-Net alone, plus sdcompress_prune.json recording what was cut.
     """
+    from sdcompress.checkpoint.atomic import overwrite_mode
+    from sdcompress.services.prune import PruneRequest
+    from sdcompress.services.prune import prune as run_prune
+
     req = PruneRequest(
         teacher=teacher,
         output=output,
@@ -266,13 +269,13 @@ def prune(
         device=device,
         evaluate=evaluate,
         unet_only=unet_only,
-        overwrite=overwrite,
+        overwrite=overwrite_mode(overwrite, overwrite_foreign),
         allow_pickle=allow_pickle,
     )
     with StageProgress(enabled=not json_) as progress:
         written = 0
 
-        def on_tensor(name, tensor) -> None:
+        def on_tensor(_name: str, _tensor: LazyTensor) -> None:
             nonlocal written
             written += 1
             progress("writing the student", written, None)

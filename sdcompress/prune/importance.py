@@ -59,13 +59,14 @@ def read_prompts(path: str | Path | None) -> list[str]:
 
 
 # Calibration defaults. A GPU scores at the family's resolution. A CPU halves the size (down to a
-# quarter of it) until the whole scoring fits CPU_FLOP_BUDGET, about half a minute on two cores:
+# quarter of it) until the whole scoring fits CPU_FLOP_BUDGET, about 20 s on two cores:
 # tiny models stay under a minute. A full-size U-Net fits at no size that still exercises its
 # attention; GPU_WORK_FLOPS (about five minutes of a CPU) is where the CLI says it is GPU work.
 GPU_SAMPLES = 8
 CPU_SAMPLES = 4
-CPU_FLOPS_PER_SECOND = 1e10  # what torch reached on U-Net shapes on a 2-core CPU (tiny-sdxl, 32 px latents)
-CPU_FLOP_BUDGET = 25 * CPU_FLOPS_PER_SECOND
+# what torch reached on tiny-sdxl's U-Net on a shared 2-core CPU (4 to 11 GFLOP/s measured)
+CPU_FLOPS_PER_SECOND = 5e9
+CPU_FLOP_BUDGET = 20 * CPU_FLOPS_PER_SECOND
 GPU_WORK_FLOPS = 300 * CPU_FLOPS_PER_SECOND
 
 
@@ -131,6 +132,28 @@ def scoring_plan(
         defaulted=samples is None and size is None,
         gpu_work=on_cpu and flops > GPU_WORK_FLOPS,
     )
+
+
+SMALL_PASS_FLOPS = 2e9  # per sample: a tiny model's U-Net pass at calibration sizes
+
+
+@contextlib.contextmanager
+def threads_for(plan: ScoringPlan) -> Iterator[None]:
+    """One intra-op thread while a CPU runs small U-Net passes (restored after).
+
+    Tensors this small gain nothing from torch's threads, and where other processes share the
+    cores the threads wait on each other: tiny-sdxl -> ssd-1b on a busy 2-core machine took
+    2 min 43 s with torch's default threads and 51 s with one.
+    """
+    if plan.device != "cpu" or plan.forwards == 0 or plan.flops / plan.forwards > SMALL_PASS_FLOPS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:

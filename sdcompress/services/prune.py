@@ -167,9 +167,10 @@ def prune(
                 f"scored in {calib_info['dtype']} ({device.type} has no fast kernels for the teacher's dtype)"
             )
         if scoring:
-            scores = imp.score_blocks(
-                teacher_unet, score_set, candidates, batch_size=req.batch_size, progress=progress
-            )
+            with imp.threads_for(plan_cost):
+                scores = imp.score_blocks(
+                    teacher_unet, score_set, candidates, batch_size=req.batch_size, progress=progress
+                )
     method = req.select
     depths, kept = choose_blocks(teacher_cfg, plan, method, scores)
     config = student_config(teacher_cfg, plan, depths)
@@ -184,8 +185,9 @@ def prune(
         if progress:
             progress("measuring the student", 0, 1)
         student_unet = imp.shared_student(teacher_unet, config, mapping)
-        reference = imp.predict(teacher_unet, eval_set, req.batch_size)
-        init_mse = imp.mse(imp.predict(student_unet, eval_set, req.batch_size), reference)
+        with imp.threads_for(plan_cost):
+            reference = imp.predict(teacher_unet, eval_set, req.batch_size)
+            init_mse = imp.mse(imp.predict(student_unet, eval_set, req.batch_size), reference)
         del student_unet
     del teacher_unet
     gc.collect()
