@@ -219,3 +219,24 @@ def test_training_from_shards_resumes_exactly_after_a_ctrl_c(prepared, student, 
     a = load_file(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_image_that_fails_to_decode_while_encoding_is_skipped_and_reported(images, tmp_path, monkeypatch):
+    """A file that passes the scan's probe but breaks when decoded in full is skipped, not fatal."""
+    from sdcompress.training.data import CaptionedImages
+
+    real_open = CaptionedImages._open
+
+    def flaky(self, record):
+        if str(record.source).endswith("shape_00001.png"):
+            raise OSError("image file is truncated")
+        return real_open(self, record)
+
+    monkeypatch.setattr(CaptionedImages, "_open", flaky)
+    result = data_prepare(prepare_request(images, tmp_path / "out"))
+    assert result.samples == 5 and result.skipped == 2  # the broken file (scan) and this one
+    assert any("shape_00001.png (OSError)" in e for e in result.skipped_examples)
+    dataset, stats = build_dataset(DataConfig(data_dir=tmp_path / "out", resolution=RES), seed=0)
+    assert len(dataset) == 5 and stats.unreadable == 2
+    captions = [dataset[(i, 0)]["caption"] for i in range(5)]
+    assert len(set(captions)) == 5  # every kept sample readable, none twice
