@@ -7,6 +7,8 @@ randomly initialised copy first and a missing or unexpected key is an error.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,10 @@ def tokenizer_dir(model: Model, name: str) -> Path:
     spec = next(
         s for s in model.family.text_encoders if (s.component == "text_encoder") == (name == "tokenizer")
     )
-    path = Path(tempfile.mkdtemp(prefix="sdcompress-tok-")) / name
+    root = tempfile.mkdtemp(prefix="sdcompress-tok-")
+    # 1.5 MB per call: removed when the process ends, or a test run leaves hundreds of them behind
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    path = Path(root) / name
     write_clip_tokenizer(path, pad_token=spec.pad_token)
     model.tokenizer_dirs[name] = path
     return path
