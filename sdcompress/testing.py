@@ -34,18 +34,27 @@ def random_cache_dir() -> Path:
     return cache_dir() / "random"
 
 
-def _draw(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """One tensor, seeded by its name: the same bytes whatever order (or how often) it is drawn."""
+def _draw(
+    key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, device: str = "cpu"
+) -> torch.Tensor:
+    """One tensor, seeded by its name: the same bytes whatever order (or how often) it is drawn.
+
+    `device` is where the numbers are drawn (the result is always on the CPU): a GPU draws an SDXL
+    in seconds where the CPU's serial generator takes about a minute, but its generator gives other
+    bytes, so a GPU-drawn model is cached under its own name.
+    """
     if key.endswith("weight") and "norm" in key:
         return torch.ones(shape, dtype=dtype)
     if key.endswith("bias") or len(shape) < 2:
         return torch.zeros(shape, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(key.encode()))
+    gen = torch.Generator(device=device).manual_seed(seed * 2**32 + zlib.crc32(key.encode()))
     fan_in = math.prod(shape[1:])
-    return (torch.randn(shape, generator=gen) / fan_in**0.5).to(dtype)
+    return (torch.randn(shape, generator=gen, device=device) / fan_in**0.5).to(dtype).cpu()
 
 
-def random_full_model(family: str, dtype: torch.dtype = torch.float16, seed: int = 0) -> Model:
+def random_full_model(
+    family: str, dtype: torch.dtype = torch.float16, seed: int = 0, draw_device: str = "cpu"
+) -> Model:
     """A full-size pipeline whose weights are drawn tensor by tensor as they are written (low memory).
 
     Norms start at one, biases at zero and weights at 1/sqrt(fan-in), so a forward pass stays
@@ -61,7 +70,9 @@ def random_full_model(family: str, dtype: torch.dtype = torch.float16, seed: int
     for name, config in parts:
         module = module_from_config(name, config)  # on the meta device: shapes only
         sd = {
-            k: LazyTensor(tuple(v.shape), dtype, partial(_draw, f"{name}.{k}", tuple(v.shape), dtype, seed))
+            k: LazyTensor(
+                tuple(v.shape), dtype, partial(_draw, f"{name}.{k}", tuple(v.shape), dtype, seed, draw_device)
+            )
             for k, v in module.state_dict().items()
             if not k.endswith("position_ids")
         }
@@ -89,13 +100,19 @@ def _build_lock(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def cached_random_model(family: str, fmt: str = "single-file", *, seed: int = 0) -> Path:
-    """The cached fp16 random-weight pipeline of `family` (sd1, sd2, sdxl), written on first use."""
+def cached_random_model(
+    family: str, fmt: str = "single-file", *, seed: int = 0, draw_device: str = "cpu"
+) -> Path:
+    """The cached fp16 random-weight pipeline of `family` (sd1, sd2, sdxl), written on first use.
+
+    `draw_device="cuda"` draws the weights on the GPU (see `_draw`): other bytes, another cache name.
+    """
     from sdcompress.checkpoint.writers import save_diffusers, save_single_file
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
-    stem = f"{family}-fp16-seed{seed}-v{RANDOM_VERSION}"
+    drawn = torch.device(draw_device).type
+    stem = f"{family}-fp16-seed{seed}-v{RANDOM_VERSION}" + ("" if drawn == "cpu" else f"-{drawn}")
     path = random_cache_dir() / (f"{stem}.safetensors" if fmt == "single-file" else stem)
     done = path.is_file() if fmt == "single-file" else (path / "model_index.json").is_file()
     if done:
@@ -103,6 +120,6 @@ def cached_random_model(family: str, fmt: str = "single-file", *, seed: int = 0)
     with _build_lock(path):
         done = path.is_file() if fmt == "single-file" else (path / "model_index.json").is_file()
         if not done:  # the writers publish atomically: a present path is a complete model
-            model = random_full_model(family, seed=seed)
+            model = random_full_model(family, seed=seed, draw_device=draw_device)
             (save_single_file if fmt == "single-file" else save_diffusers)(model, path, overwrite=True)
     return path
