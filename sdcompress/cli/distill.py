@@ -21,7 +21,11 @@ class DistillOptions:
         metadata=C.option("--teacher", "Teacher pipeline: folder, file, hub id or tiny-sd. Required."),
     )
     student: str | None = field(
-        default=None, metadata=C.option("--student", "Student U-Net (e.g. a `prune` output). Required.")
+        default=None,
+        metadata=C.option(
+            "--student",
+            "Student U-Net (e.g. a `prune` output). Required, except with --objective lcm (default: the teacher).",
+        ),
     )
     features: C.FeatureMode = field(
         default=C.FeatureMode.BLOCKS,
@@ -59,6 +63,7 @@ def run(parsed: T.Parsed) -> None:
         loss=loss,
         save_dtype=out.dtype,
         allow_pickle=out.allow_pickle,
+        consistency=parsed[C.ConsistencyConfig],
     )
     with T.TrainingProgress(err, disable=out.json) as progress:
         result = distill(request, progress)
@@ -72,7 +77,8 @@ def run(parsed: T.Parsed) -> None:
         )
         raise typer.Exit(130)
     if not out.json:
-        success(f"wrote {result.output} ({result.steps} steps, {len(result.feature_pairs)} feature pairs)")
+        pairs = f", {len(result.feature_pairs)} feature pairs" if result.feature_pairs else ""
+        success(f"wrote {result.output} ({result.steps} steps{pairs})")
 
 
 distill = T.training_command(
@@ -80,6 +86,7 @@ distill = T.training_command(
         name="distill",
         sections=(
             DistillOptions,
+            C.ConsistencyConfig,
             C.DistillWeights,
             C.DataConfig,
             C.LossConfig,
@@ -88,10 +95,13 @@ distill = T.training_command(
         ),
         panels=(None, C.DATA, C.DISTILLATION, C.OPTIMISATION, C.LOSS, C.RUN),
         run=run,
-        required=("teacher", "student", "output"),
+        required=("teacher", "output"),
         defaults={"lr": 5e-5},
         helps={"output": "Folder for the distilled pipeline. Required."},
         doc="""Distill a pruned student U-Net from its teacher (task + output + feature losses, BK-SDM style).
+
+    --objective lcm trains a few-step student instead (latent consistency distillation; --lora RANK
+    for an LCM-LoRA in kohya layout). A step-distilled teacher: --timesteps trailing:4.
 
     Checkpoints go to OUTPUT.train/ (or --work-dir); rerun with --resume latest after a stop.
     Multi-GPU: `accelerate launch -m sdcompress distill ...` with the same options.

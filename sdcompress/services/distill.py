@@ -20,6 +20,7 @@ from sdcompress.errors import SdcError
 from sdcompress.hub.lineage import run_record as lineage_record
 from sdcompress.hub.lineage import run_record_file
 from sdcompress.services.finetune import TrainingRunResult, fit_data, run_training, save_dtype
+from sdcompress.training.config import ConsistencyConfig
 from sdcompress.training.data import DataConfig
 from sdcompress.training.distill_task import DistillTask, DistillWeights
 from sdcompress.training.engine import ProgressCallback, TrainConfig
@@ -32,7 +33,7 @@ class DistillRequest:
     """A distillation run: who teaches whom, on what data, with which training settings."""
 
     teacher: str
-    student: str
+    student: str | None  # None: the teacher itself (only with --objective lcm)
     output: Path
     data: DataConfig
     train: TrainConfig
@@ -42,6 +43,7 @@ class DistillRequest:
     loss: LossConfig = LossConfig()
     save_dtype: str | None = None
     allow_pickle: bool = False
+    consistency: ConsistencyConfig = ConsistencyConfig()
 
 
 @dataclass
@@ -123,7 +125,9 @@ def _load(request: DistillRequest):
             f"the teacher {request.teacher} is a lone U-Net; give a whole pipeline (its VAE and text "
             "encoders are needed) as --teacher."
         )
-    student = load_model(request.student, allow_pickle=request.allow_pickle)
+    if request.student is None and not request.consistency.is_lcm:
+        raise SdcError("--student is required; give the pruned student to distill (a `prune` output).")
+    student = load_model(request.student or request.teacher, allow_pickle=request.allow_pickle)
     check_compatible(student.configs["unet"], teacher.configs["unet"], request.teacher)
     return teacher, student
 
@@ -137,13 +141,28 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     inputs = [request.teacher, request.student, request.data.data_dir, request.train.work_dir]
     output = check_output(request.output, overwrite=request.train.overwrite_policy, inputs=inputs, kind="dir")
     request.train.validate()
+    request.consistency.validate()
     teacher, student = _load(request)
     data = fit_data(request.data, teacher, student.configs["unet"])
     pipe = build_pipeline(teacher, dtype=torch.float32)
     student_unet = build_module(student, "unet", dtype=torch.float32)
-    pairs = pair_features(student_unet, pipe.unet, request.features, request.teacher)
     parts = DiffusionParts.from_pipeline(pipe)
     teacher_unet, parts.unet = parts.unet, student_unet
+    if request.consistency.is_lcm:
+        from sdcompress.services.consistency import lcm_task, validation_steps
+
+        task = lcm_task(
+            request,
+            teacher,
+            student,
+            parts,
+            teacher_unet,
+            save_dtype(request.save_dtype, teacher),
+            data.resolution,
+        )
+        train = validation_steps(replace(request.train, output_dir=output))
+        return DistillResult(**vars(run_training(task, train, data, progress)))
+    pairs = pair_features(student_unet, pipe.unet, request.features, request.teacher)
     scheduler_config = student_scheduler_config(request, teacher)
     scheduler = parts.extra_components["scheduler"]  # validation samples as the student will be sampled
     parts.extra_components["scheduler"] = type(scheduler).from_config(

@@ -120,6 +120,18 @@ class TargetSet(Choice):
     ALL = "all"
 
 
+class Objective(Choice):
+    """What `distill` trains the student to do."""
+
+    DISTILL = "distill"  # imitate the teacher's outputs and features at one timestep (BK-SDM)
+    LCM = "lcm"  # latent consistency distillation: jump along the teacher's ODE in few steps
+
+
+class ConsistencyLoss(Choice):
+    L2 = "l2"
+    HUBER = "huber"
+
+
 class FeatureMode(Choice):
     BLOCKS = "blocks"
     ATTENTIONS = "attentions"
@@ -529,3 +541,97 @@ class DistillWeights:
     features: float = field(
         default=1.0, metadata=option("--feature-weight", "Weight of the feature MSEs.", DISTILLATION)
     )
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """Latent consistency distillation (`distill --objective lcm`), with the LCM / LCM-LoRA recipe's defaults.
+
+    The teacher's ODE is solved with DDIM on `ddim_timesteps` skipping steps; the guidance scale w is drawn
+    from [w_min, w_max] and fed to a full student as a guidance-scale embedding (`w_embedding` wide,
+    diffusers' `time_cond_proj_dim`), while a LoRA student (`lora` rank) learns one guided model without it.
+    A full student's target is an EMA copy of itself (`target_ema_decay`); a LoRA student is its own target.
+    """
+
+    objective: Objective = field(
+        default=Objective.DISTILL,
+        metadata=option(
+            "--objective",
+            "distill (imitate the teacher: task + output + feature losses) or lcm (a few-step student by "
+            "latent consistency distillation; --student defaults to the teacher).",
+            DISTILLATION,
+            choices=Objective,
+        ),
+    )
+    lora: int | None = field(
+        default=None,
+        metadata=option(
+            "--lora",
+            "LCM only: train a LoRA of this rank on the student instead of the whole U-Net (LCM-LoRA).",
+            DISTILLATION,
+            metavar="RANK",
+        ),
+    )
+    lora_targets: TargetSet = field(
+        default=TargetSet.ALL,
+        metadata=option(
+            "--lora-targets",
+            f"LCM-LoRA modules: {', '.join(TargetSet)} (all: linears and convs, as LCM-LoRA).",
+            DISTILLATION,
+            choices=TargetSet,
+        ),
+    )
+    w_min: float = field(
+        default=5.0,
+        metadata=option("--w-min", "LCM: smallest guidance w drawn (scale = 1 + w).", DISTILLATION),
+    )
+    w_max: float = field(
+        default=15.0, metadata=option("--w-max", "LCM: largest guidance w drawn.", DISTILLATION)
+    )
+    w_embedding: int = field(
+        default=256,
+        metadata=option(
+            "--w-embedding",
+            "LCM: width of the guidance-scale embedding of a full student (0: none; LoRA: always none).",
+            DISTILLATION,
+        ),
+    )
+    ddim_timesteps: int = field(
+        default=50,
+        metadata=option(
+            "--ddim-timesteps", "LCM: DDIM solver steps over the teacher's schedule.", DISTILLATION
+        ),
+    )
+    target_ema_decay: float = field(
+        default=0.95,
+        metadata=option(
+            "--target-ema-decay", "LCM: EMA decay of the full student's target network.", DISTILLATION
+        ),
+    )
+    consistency_loss: ConsistencyLoss = field(
+        default=ConsistencyLoss.HUBER,
+        metadata=option("--consistency-loss", "LCM: huber or l2.", DISTILLATION, choices=ConsistencyLoss),
+    )
+    huber_c: float = field(default=0.001, metadata=option("--huber-c", "LCM: Huber loss c.", DISTILLATION))
+    timestep_scaling: float = 10.0  # LCMScheduler's default; the boundary scalings use it
+
+    def __post_init__(self) -> None:
+        coerce_choices(self)
+
+    @property
+    def is_lcm(self) -> bool:
+        return self.objective == Objective.LCM
+
+    def validate(self) -> None:
+        checks = [
+            (self.lora is None or self.lora >= 1, "--lora must be a rank of 1 or more"),
+            (self.lora is None or self.is_lcm, "--lora needs --objective lcm"),
+            (0 <= self.w_min <= self.w_max, "--w-min must be 0 or more and at most --w-max"),
+            (self.w_embedding >= 0 and self.w_embedding % 2 == 0, "--w-embedding must be 0 or an even width"),
+            (1 <= self.ddim_timesteps <= 1000, "--ddim-timesteps must be between 1 and 1000"),
+            (0.0 <= self.target_ema_decay < 1.0, "--target-ema-decay must be in [0, 1)"),
+            (self.huber_c > 0, "--huber-c must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SdcError(message + "; fix the option and run again.")

@@ -263,6 +263,9 @@ class _Loop:
             self.ema = EMAModel(self.params, decay=config.ema_decay)
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
+        # A task's own training state (LCM's EMA target network) is saved and restored with the rest.
+        for state in getattr(self.task, "checkpoint_state", list)():
+            acc.register_for_checkpointing(state)
         self.task.bind(dict(zip(modules, self.models, strict=True)), acc.device, self.weight_dtype)
         if config.report_to != "none":
             acc.init_trackers(self.task.name, config=_tracker_config(config))
@@ -343,6 +346,9 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
+        after_step = getattr(self.task, "after_optimizer_step", None)  # e.g. LCM's target network update
+        if after_step is not None:
+            after_step()
         return values, stop_now, epoch
 
     # -- saving -------------------------------------------------------------
