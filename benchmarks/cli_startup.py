@@ -1,4 +1,4 @@
-"""CLI start-up: `sdcompress --help` (and a usage error) beside `hf --help`, plus the import cost of the app.
+"""CLI start-up: `sdcompress --help`, commands' help and usage errors beside `hf --help`, and the app's imports.
 
     python benchmarks/cli_startup.py --runs 10
 
@@ -61,7 +61,9 @@ def main() -> None:
     commands = {
         "sdcompress --help": [*sdc, "--help"],
         "sdcompress finetune --help": [*sdc, "finetune", "--help"],
+        "sdcompress merge --help": [*sdc, "merge", "--help"],
         "sdcompress lora train --bogus (usage error)": [*sdc, "lora", "train", "--bogus"],
+        "sdcompress convert --bogus (usage error)": [*sdc, "convert", "--bogus"],
     }
     hf = shutil.which("hf")
     if hf:

@@ -1,4 +1,4 @@
-"""The training commands' options, generated from the dataclasses: TOML keys, defaults, errors, start-up.
+"""The training commands' options, generated from the dataclasses: TOML keys, defaults, errors.
 
 The service functions are replaced by a recorder, so these tests check what
 the command line and `--config` files turn into (the request the service
@@ -6,10 +6,6 @@ gets) without training anything.
 """
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 import pytest
 
@@ -153,49 +149,6 @@ def test_a_bad_value_in_the_file_is_refused(cli, recorded, tmp_path):
     config.write_text('[finetune]\noptimizer = "sgd"\n', encoding="utf-8")
     r = cli(*BASE_ARGS["finetune"], "--config", config, "--data", tmp_path, "-o", tmp_path / "o")
     assert r.code == 2 and "'optimizer' has a bad value" in r.stderr and not recorded, r
-
-
-# ---------------------------------------------------------------------------- start-up
-
-
-def _modules_after(code: str) -> dict:
-    """Run `code` in a fresh interpreter and say which heavy libraries it imported."""
-    probe = (
-        "import sys, json\n"
-        "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + "except SystemExit:\n    pass\n"
-        "print(json.dumps({m: m in sys.modules for m in ('torch', 'diffusers', 'transformers')}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        [],  # import only
-        ["--help"],
-        ["distill", "--help"],
-        ["finetune", "--help"],
-        ["lora", "train", "--help"],
-        ["finetune", "--mixed-precision", "fp8"],
-        ["no-such-command"],
-    ],
-)
-def test_help_and_usage_errors_do_not_import_torch(argv):
-    code = "import sdcompress.cli.app as app\n"
-    if argv:
-        code += f"sys.argv = ['sdcompress', *{argv!r}]\napp.main()"
-    assert _modules_after(code) == {"torch": False, "diffusers": False, "transformers": False}
-
-
-def test_the_command_summaries_match_the_commands():
-    """`--help` lists the commands from a table (no imports); each summary is its command's own help."""
-    from sdcompress.cli import app
-
-    for name, (_, _, summary) in app.COMMANDS.items():
-        command = app.load_command(name)
-        assert " ".join(command.help.split("\n\n")[0].split()) == summary, name
 
 
 def test_flags_are_declared_once_across_sections():

@@ -12,33 +12,19 @@ from sdcompress.errors import SdcError
 Output = Annotated[str, typer.Option("--output", "-o", help="Where to write the result.")]
 
 
-def _overwrite_foreign(ctx: typer.Context, value: bool) -> bool:
-    ctx.meta["overwrite_foreign"] = value
-    return value
-
-
-def _overwrite(ctx: typer.Context, value: bool) -> Any:
-    """`--overwrite` and `--overwrite-foreign` arrive as one policy (`atomic.Overwrite`) in `overwrite`."""
-    from sdcompress.checkpoint.atomic import overwrite_mode
-
-    return overwrite_mode(value, ctx.meta.get("overwrite_foreign", False))
-
-
+# A command passes both flags to `atomic.overwrite_mode`, which turns them into the one policy
+# (`atomic.Overwrite`) that the writers take.
 Overwrite = Annotated[
     bool,
     typer.Option(
         "--overwrite",
-        callback=_overwrite,
         help="Replace an existing output that sdcompress wrote (a folder holding other files is refused).",
     ),
 ]
-# Declared next to --overwrite in every command that writes; eager, so --overwrite's callback sees it.
 OverwriteForeign = Annotated[
     bool,
     typer.Option(
         "--overwrite-foreign",
-        callback=_overwrite_foreign,
-        is_eager=True,
         help="Replace an existing output folder even if it holds files sdcompress did not write "
         "(they are deleted; implies --overwrite).",
     ),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,8 +11,9 @@ from sdcompress.choices import DType
 from sdcompress.cli._options import DTYPE_METAVAR, AllowPickle, Device, Json, Overwrite, renamed
 from sdcompress.cli._output import emit_json, human_bytes, human_count, note, success, table
 from sdcompress.errors import SdcError
-from sdcompress.services.bench import BenchRequest, BenchResult, plot
-from sdcompress.services.bench import bench as run_bench
+
+if TYPE_CHECKING:  # the service imports torch: the CLI loads it only when the command runs
+    from sdcompress.services.bench import BenchResult
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -129,6 +130,9 @@ def bench(
         from sdcompress.checkpoint.atomic import check_output
 
         check_output(plot_path, overwrite=overwrite)  # fail before measuring, not after
+    from sdcompress.services.bench import BenchRequest, plot
+    from sdcompress.services.bench import bench as run_bench
+
     req = BenchRequest(
         models=list(models),
         batch_sizes=_batch_sizes(batch_sizes),

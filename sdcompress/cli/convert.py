@@ -23,8 +23,6 @@ from sdcompress.cli._options import (
     renamed,
 )
 from sdcompress.cli._output import emit_json, err, human_bytes, note, success
-from sdcompress.services.convert import ConvertRequest
-from sdcompress.services.convert import convert as run_convert
 
 
 def convert(
@@ -71,6 +69,10 @@ def convert(
 
     A path ending in .safetensors gets a single file; anything else a diffusers folder.
     """
+    # The services load torch: imported when the command runs, so --help and usage errors stay fast.
+    from sdcompress.checkpoint.atomic import overwrite_mode
+    from sdcompress.services.convert import ConvertRequest
+    from sdcompress.services.convert import convert as run_convert
     from sdcompress.services.lora_convert import convert_lora_file, is_lora_file
 
     req = ConvertRequest(
@@ -80,7 +82,7 @@ def convert(
         vae_dtype=vae_dtype,
         ema=ema,
         unet_only=unet_only,
-        overwrite=overwrite,
+        overwrite=overwrite_mode(overwrite, overwrite_foreign),
         tokenizer=tokenizer,
         allow_pickle=allow_pickle,
         allow_nonfinite=allow_nonfinite,
@@ -107,7 +109,7 @@ def convert(
         disable=json_,
     ) as progress:
         task = progress.add_task("converting", total=None)
-        result = run_convert(req, on_tensor=lambda name, t: progress.advance(task))
+        result = run_convert(req, on_tensor=lambda _name, _tensor: progress.advance(task))
     if json_:
         from dataclasses import asdict
 

@@ -125,6 +125,7 @@ def prepare(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Encode captioned images once into WebDataset shards that `--data` trains from."""
+    from sdcompress.checkpoint.atomic import overwrite_mode
     from sdcompress.cli._output import emit_json, note, out, success
     from sdcompress.services.data_prepare import DataPrepareRequest, data_prepare
     from sdcompress.training.config import DataConfig
@@ -150,7 +151,7 @@ def prepare(
         num_workers=num_workers,
         device=device,
         resume=resume,
-        overwrite=overwrite,
+        overwrite=overwrite_mode(overwrite, overwrite_foreign),
         allow_pickle=allow_pickle,
     )
     with _progress_bar(not json_) as progress:

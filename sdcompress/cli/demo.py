@@ -22,11 +22,11 @@ def demo(
     """Run prune -> distill -> extract-lora -> convert -> bench on the built-in tiny SDXL-shaped model, offline."""
     from dataclasses import asdict
 
+    from sdcompress.checkpoint.atomic import overwrite_mode
     from sdcompress.services.demo import DemoRequest, run_demo
 
-    result = run_demo(
-        DemoRequest(output=output, steps=steps, overwrite=overwrite), report=None if json_ else note
-    )
+    request = DemoRequest(output=output, steps=steps, overwrite=overwrite_mode(overwrite, overwrite_foreign))
+    result = run_demo(request, report=None if json_ else note)
     if json_:
         emit_json(asdict(result))
         return

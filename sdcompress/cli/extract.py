@@ -19,10 +19,7 @@ from sdcompress.cli._options import (
     OverwriteForeign,
 )
 from sdcompress.cli._output import emit_json, human_bytes, note, out, success, table
-from sdcompress.devices import resolve_device
-from sdcompress.lowrank.extract import ExtractOptions
-from sdcompress.lowrank.rank import BUDGET_RANK_CAP, DEFAULT_RANK, parse_size
-from sdcompress.services.extract import ExtractRequest, run_extract
+from sdcompress.lowrank.rank_defaults import BUDGET_RANK_CAP, DEFAULT_RANK
 
 
 def extract_lora(
@@ -82,6 +79,13 @@ def extract_lora(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Extract a LoRA from the difference between a fine-tuned model and its base."""
+    # These load torch: imported when the command runs, so --help and usage errors stay fast.
+    from sdcompress.checkpoint.atomic import overwrite_mode
+    from sdcompress.devices import resolve_device
+    from sdcompress.lowrank.extract import ExtractOptions
+    from sdcompress.lowrank.rank import parse_size
+    from sdcompress.services.extract import ExtractRequest, run_extract
+
     options = ExtractOptions(
         rank=rank,
         conv_rank=conv_rank,
@@ -94,7 +98,8 @@ def extract_lora(
         dtype=dtype.torch(),
         seed=seed,
     )
-    request = ExtractRequest(base, tuned, output, options, fmt, overwrite, allow_pickle)
+    policy = overwrite_mode(overwrite, overwrite_foreign)
+    request = ExtractRequest(base, tuned, output, options, fmt, policy, allow_pickle)
     with progress_bar("extracting", enabled=not json_) as progress:
         result = run_extract(request, progress)
     if json_:

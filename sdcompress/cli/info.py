@@ -8,7 +8,6 @@ import typer
 
 from sdcompress.cli._options import AllowPickle, Json, renamed
 from sdcompress.cli._output import emit_json, human_bytes, human_count, note, out, table
-from sdcompress.services.info import info as run_info
 
 
 def info(
@@ -36,6 +35,9 @@ def info(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Show a model's format, family or preset, dtypes, parameter counts per component and stage, and size."""
+    # The service loads torch: imported when the command runs, so --help and usage errors stay fast.
+    from sdcompress.services.info import info as run_info
+
     family = renamed(family, teacher, new="--family", old="--teacher")
     result = run_info(model, arch=arch, family=family, allow_pickle=allow_pickle)
     if json_:

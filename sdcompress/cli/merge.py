@@ -18,8 +18,6 @@ from sdcompress.cli._options import (
     OverwriteForeign,
 )
 from sdcompress.cli._output import emit_json, note, success
-from sdcompress.lowrank.block_weights import BlockWeights
-from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
 
 
 def merge(
@@ -70,6 +68,11 @@ def merge(
     allow_nonfinite: AllowNonfinite = False,
 ) -> None:
     """Merge models and LoRAs, tensor by tensor. Output .safetensors: one file; else a diffusers folder."""
+    # These load torch: imported when the command runs, so --help and usage errors stay fast.
+    from sdcompress.checkpoint.atomic import overwrite_mode
+    from sdcompress.lowrank.block_weights import BlockWeights
+    from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
+
     request = MergeRequest(
         models=list(models or []),
         output=output,
@@ -82,7 +85,7 @@ def merge(
         rank=rank,
         format=fmt,
         dtype=resolve_dtype(dtype),
-        overwrite=overwrite,
+        overwrite=overwrite_mode(overwrite, overwrite_foreign),
         allow_pickle=allow_pickle,
         allow_nonfinite=allow_nonfinite,
     )

@@ -21,10 +21,9 @@ import torch
 
 from sdcompress.choices import RankMode
 from sdcompress.errors import SdcError
+from sdcompress.lowrank.rank_defaults import BUDGET_RANK_CAP, DEFAULT_RANK
 
 MODES = tuple(m.value for m in RankMode)
-DEFAULT_RANK = 32  # a fixed rank: what kohya's scripts and most published LoRAs use
-BUDGET_RANK_CAP = 128  # the largest rank a rule or a size budget may give a layer
 
 
 def max_rank(rank: int | None, mode: str, size_budget: int | None) -> int:
