@@ -34,16 +34,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} hours"
 
 
+def _flops(n: float) -> str:
+    return f"{n / 1e12:.1f} TFLOPs" if n >= 1e12 else f"{n / 1e9:.1f} GFLOPs"
+
+
 def announce(plan: ScoringPlan) -> None:
     """Say what scoring costs before it starts and, when a CPU has GPU work, how to make it cheaper."""
     from sdcompress.prune.importance import CPU_FLOPS_PER_SECOND
 
     what = "importance scoring" if plan.blocks else "measuring the student"
-    held_out = ", student and teacher on held-out inputs" if plan.passes > plan.blocks + 1 else ""
+    parts = [f"a reference and {plan.blocks} with one block skipped each"] if plan.blocks else []
+    if plan.passes > (plan.blocks + 1 if plan.blocks else 0):
+        parts.append("teacher and student on held-out inputs")
     err.print(
-        f"{what}: {plan.passes} U-Net passes ({plan.blocks} blocks skipped one at a time, a reference{held_out})"
+        f"{what}: {plan.passes} U-Net passes ({'; '.join(parts)})"
         f" x {plan.samples} samples at {plan.size} px ({plan.latent}x{plan.latent} latents) = "
-        f"{plan.forwards} forwards, {plan.flops / 1e12:.2f} TFLOPs on {plan.device}"
+        f"{plan.forwards} forwards, {_flops(plan.flops)} on {plan.device}"
         + (" (calibration defaults for this device)" if plan.defaulted else ""),
         highlight=False,
         soft_wrap=True,
