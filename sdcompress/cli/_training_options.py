@@ -244,15 +244,33 @@ def _as_path(annotation: Any, value: Any) -> Any:
 
 
 def merge_config_file(
-    ctx: typer.Context, values: dict[str, Any], params: Sequence[_Param], command: str
+    ctx: typer.Context,
+    values: dict[str, Any],
+    params: Sequence[_Param],
+    command: str,
+    file_keys: Mapping[str, Callable[[Any, str], Any]] | None = None,
+    file_values: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`values` with the file's options filled in where the command line gave none."""
+    """`values` with the file's options filled in where the command line gave none.
+
+    `file_keys` are settings only a file can hold (distill's `[[stages]]` tables): each is parsed by its
+    function and put in `file_values` instead.
+    """
     path = values.pop("config", None)
     if not path:
         return values
     by_name = {p.name: p for p in ctx.command.params}
     by_key = {p.key: p for p in params}
-    for key, value in read_config_file(path, command).items():
+    data = read_config_file(path, command)
+    if file_keys:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))  # tables of tables are not options
+        if isinstance(raw.get(command), dict):
+            raw = {**raw, **raw[command]}
+        for key, parse in file_keys.items():
+            if key in raw:
+                data.pop(key, None)
+                (file_values if file_values is not None else {})[key] = parse(raw[key], str(path))
+    for key, value in data.items():
         name, old = config_key(key, params, path)
         if old is not None:
             from sdcompress.cli._output import note
@@ -261,6 +279,8 @@ def merge_config_file(
         source = ctx.get_parameter_source(name)
         if source is not None and source.name == "COMMANDLINE":  # by name: typer vendors its own click
             continue
+        if by_key[name].repeatable and isinstance(value, str):
+            value = [value]  # `teacher = "A"` in a file means one value, not one per character
         try:
             converted = by_name[name].process_value(ctx, value)
         except Exception as exc:  # the parameter's own conversion error, whichever click raised it
@@ -276,8 +296,9 @@ def merge_config_file(
 class Parsed:
     """The command's dataclasses, built from the options: `parsed[TrainConfig]`."""
 
-    def __init__(self, built: dict[type, Any]) -> None:
+    def __init__(self, built: dict[type, Any], file: dict[str, Any] | None = None) -> None:
         self._built = built
+        self.file = file or {}  # the command's file-only settings (`TrainingCommand.file_keys`)
 
     def __getitem__(self, cls: type[T]) -> T:
         return self._built[cls]
@@ -330,6 +351,7 @@ class TrainingCommand:
     required: tuple[str, ...] = ()  # option keys
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     helps: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    file_keys: Mapping[str, Callable[[Any, str], Any]] = dataclasses.field(default_factory=dict)
 
 
 def training_command(spec: TrainingCommand) -> Callable[..., None]:
@@ -338,7 +360,8 @@ def training_command(spec: TrainingCommand) -> Callable[..., None]:
     by_key = {p.key: p for p in params}
 
     def command(ctx: typer.Context, **values: Any) -> None:
-        values = merge_config_file(ctx, values, params, spec.name)
+        file_values: dict[str, Any] = {}
+        values = merge_config_file(ctx, values, params, spec.name, spec.file_keys, file_values)
         for p in params:
             if p.hidden_alias_of is not None:
                 real = by_key[p.hidden_alias_of]
@@ -354,7 +377,9 @@ def training_command(spec: TrainingCommand) -> Callable[..., None]:
                 raise SdcError(
                     f"{by_key[key].flag.name} is required; give it on the command line or in the --config file."
                 )
-        spec.run(build_sections(spec.sections, params, values))
+        parsed = build_sections(spec.sections, params, values)
+        parsed.file = file_values
+        spec.run(parsed)
 
     config = inspect.Parameter(
         "config",

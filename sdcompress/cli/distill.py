@@ -16,9 +16,22 @@ from sdcompress.training import config as C
 
 @dataclass(frozen=True)
 class DistillOptions:
-    teacher: str | None = field(
+    teacher: tuple[str, ...] = field(
+        default=(),
+        metadata=C.option(
+            "--teacher",
+            "Teacher pipeline: folder, file, hub id or tiny-sd. Required; repeat it for teachers in "
+            "succession (with --stage-steps).",
+        ),
+    )
+    stage_steps: str | None = field(
         default=None,
-        metadata=C.option("--teacher", "Teacher pipeline: folder, file, hub id or tiny-sd. Required."),
+        metadata=C.option(
+            "--stage-steps",
+            "Steps per --teacher, in order, e.g. 2000,1000 (a stage each; [[stages]] in --config can also "
+            "prune between stages).",
+            C.DISTILLATION,
+        ),
     )
     student: str | None = field(
         default=None,
@@ -44,15 +57,38 @@ class DistillOptions:
         C.coerce_choices(self)
 
 
+def _parse_stages(value, source: str):
+    from sdcompress.services.stages import parse_stages
+
+    return parse_stages(value, source)
+
+
+def _stages(opts: DistillOptions, parsed: T.Parsed):
+    """The stage plan: `[[stages]]` from the file, else the `--teacher A --teacher B --stage-steps` shorthand."""
+    from sdcompress.errors import SdcError
+    from sdcompress.services.stages import shorthand_stages
+
+    planned = parsed.file.get("stages")
+    if not planned and not opts.teacher:
+        raise SdcError("--teacher is required; give it on the command line or in the --config file.")
+    if planned and (opts.stage_steps or len(opts.teacher) > 1):
+        raise SdcError(
+            "give the stages once: [[stages]] in the --config file or --teacher with --stage-steps."
+        )
+    return planned or shorthand_stages(opts.teacher, opts.stage_steps)
+
+
 def run(parsed: T.Parsed) -> None:
     from sdcompress.cli._output import emit_json, err, note, success
     from sdcompress.services.distill import DistillRequest, distill
+    from sdcompress.services.stages import distill_stages
 
     opts, out = parsed[DistillOptions], parsed[T.OutputOptions]
     train, data, loss = parsed[C.TrainConfig], parsed[C.DataConfig], parsed[C.LossConfig]
     C.check_cache_latents(data, loss)
+    stages = _stages(opts, parsed)
     request = DistillRequest(
-        teacher=opts.teacher,
+        teacher=stages[0].teacher if stages else opts.teacher[0],
         student=opts.student,
         output=train.output_dir,
         data=data,
@@ -66,7 +102,7 @@ def run(parsed: T.Parsed) -> None:
         consistency=parsed[C.ConsistencyConfig],
     )
     with T.TrainingProgress(err, disable=out.json) as progress:
-        result = distill(request, progress)
+        result = distill_stages(request, stages, progress) if stages else distill(request, progress)
     if out.json:
         emit_json(result.__dict__ | {"feature_pairs": [fp.to_dict() for fp in result.feature_pairs]})
     else:
@@ -95,7 +131,8 @@ distill = T.training_command(
         ),
         panels=(None, C.DATA, C.DISTILLATION, C.OPTIMISATION, C.LOSS, C.RUN),
         run=run,
-        required=("teacher", "output"),
+        file_keys={"stages": _parse_stages},
+        required=("output",),
         defaults={"lr": 5e-5},
         helps={"output": "Folder for the distilled pipeline. Required."},
         doc="""Distill a pruned student U-Net from its teacher (task + output + feature losses, BK-SDM style).

@@ -44,6 +44,7 @@ class DistillRequest:
     save_dtype: str | None = None
     allow_pickle: bool = False
     consistency: ConsistencyConfig = ConsistencyConfig()
+    stages: tuple[dict, ...] = ()  # a staged run's record so far, this stage last (services.stages)
 
 
 @dataclass
@@ -83,6 +84,7 @@ def run_record(
         prediction_type=student_prediction(request, teacher),
         teacher_prediction_type=teacher.prediction_type,
         timesteps=request.loss.noise.timesteps,
+        **({"stages": list(request.stages)} if request.stages else {}),
     )
 
 
