@@ -119,18 +119,23 @@ def test_training_from_shards_equals_training_from_the_folder(images, prepared, 
     assert histories[0]["images"] == histories[1]["images"] == 6
 
 
-def test_training_from_shards_runs_no_vae_or_text_encoder(prepared):
+@pytest.mark.parametrize("task_class", ["DiffusionTask", "UNetTrainingTask"])
+def test_training_from_shards_runs_no_vae_or_text_encoder(prepared, task_class):
+    """The shared task and finetune / lora train's task (which encodes captions its own way) alike."""
     from sdcompress.checkpoint.instantiate import build_pipeline
     from sdcompress.checkpoint.resolve import load_model
+    from sdcompress.training import finetune_task, task
     from sdcompress.training.config import LossConfig
-    from sdcompress.training.task import DiffusionParts, DiffusionTask
+    from sdcompress.training.task import DiffusionParts
 
     parts = DiffusionParts.from_pipeline(build_pipeline(load_model("tiny-sd")))
     calls = []
     parts.vae.encode = lambda *a, **k: calls.append("vae")  # type: ignore[method-assign]
     parts.text_encoders[0].forward = lambda *a, **k: calls.append("text")  # type: ignore[method-assign]
-    task = DiffusionTask(parts, LossConfig())
+    task = getattr(task, task_class, None) or getattr(finetune_task, task_class)
+    task = task(parts, LossConfig())
     dataset, _ = build_dataset(DataConfig(data_dir=prepared, resolution=RES), seed=0)
+    task.check_dataset(dataset)
     batch = collate([dataset[(i, 0)] for i in (0, 1)])
     prepared_batch = task.prepare(batch, torch.Generator().manual_seed(0))
     assert calls == [] and prepared_batch.cond.hidden_states.shape == (2, 77, 32)
@@ -168,6 +173,16 @@ def test_sd1_data_is_refused_for_an_sdxl_model_in_one_sentence(prepared, tmp_pat
     assert r.code == 2, r
     assert "encoded for another model family" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_training_the_text_encoders_on_prepared_data_is_refused(prepared, tmp_path, cli):
+    r = cli(
+        "finetune", "--model", "tiny-sd", "--data", prepared, "-o", tmp_path / "o", "--resolution", RES,
+        "--max-steps", "1", "--cpu", "--checkpoint-every", "0", "--train-text-encoder",
+    )  # fmt: skip
+    assert r.code == 2, r
+    assert "the text encoders cannot train on it" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 

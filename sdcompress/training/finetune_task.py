@@ -180,6 +180,8 @@ class UNetTrainingTask(DiffusionTask):
         self.move_frozen(device, weight_dtype)
 
     def encode(self, batch: dict[str, Any]) -> Conditioning:
+        if "prompt_embeds" in batch:  # prepared data: stored embeddings (training the encoders is refused)
+            return super().encode(batch)
         # The engine-wrapped encoders (DDP, autocast) run the forward, so their gradients are synchronised.
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
             return encode_prompts(self.encoders, self.parts.tokenizers, batch["captions"], self.device)
@@ -187,7 +189,9 @@ class UNetTrainingTask(DiffusionTask):
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         seed_global_rng(generator)
         if self.instance_prompt is not None:
-            batch = {**batch, "captions": [self.instance_prompt] * len(batch["captions"])}
+            # every caption becomes the instance prompt, so stored embeddings of the old captions go
+            batch = {k: v for k, v in batch.items() if k not in ("prompt_embeds", "pooled")}
+            batch["captions"] = [self.instance_prompt] * len(batch["captions"])
         instance = self._loss_of(batch, generator)
         if self.class_images is None:
             return {"loss": instance}

@@ -171,6 +171,11 @@ class DiffusionTask:
         conditioning = getattr(getattr(dataset, "index", None), "conditioning", None)
         if conditioning is not None:
             check_prepared(conditioning, self.parts)
+            if self.train_text_encoders:
+                raise SdcError(
+                    "a prepared dataset holds fixed text embeddings, so the text encoders cannot train on "
+                    "it; drop the text-encoder training option or train from the image folder."
+                )
 
     def enable_gradient_checkpointing(self) -> None:
         self.parts.unet.enable_gradient_checkpointing()
@@ -212,14 +217,10 @@ class DiffusionTask:
     def encode(self, batch: dict[str, Any]) -> Conditioning:
         """One text-encoder forward for the batch (with gradients only when the encoders train).
 
-        A prepared dataset's batch holds the embeddings; they are used as stored.
+        A prepared dataset's batch holds the embeddings; they are used as stored (`check_dataset`
+        has refused to train the text encoders on them).
         """
         if "prompt_embeds" in batch:
-            if self.train_text_encoders:
-                raise SdcError(
-                    "a prepared dataset holds fixed text embeddings, so the text encoders cannot train on it; "
-                    "drop the text-encoder training option or train from the image folder."
-                )
             pooled = batch.get("pooled")
             return Conditioning(
                 batch["prompt_embeds"].to(self.device), None if pooled is None else pooled.to(self.device)
