@@ -209,6 +209,10 @@ def test_cli_prepares_reports_and_refuses_bad_input(images, prepared, tmp_path, 
     assert r.code == 2 and "already exists" in r.stderr
     r = cli("data", "prepare", prepared, "--model", "tiny-sd", "-o", tmp_path / "x", "--device", "cpu")
     assert r.code == 2 and "already a prepared dataset" in r.stderr
+    r = cli("data", "prepare", tmp_path / "nowhere", "--model", "tiny-sd", "-o", tmp_path / "y")
+    assert r.code == 2 and "is not a folder" in r.stderr
+    r = cli("data", "prepare", "--model", "tiny-sd", "-o", tmp_path / "y")
+    assert r.code == 2 and "give one data source" in r.stderr
 
 
 def test_training_from_shards_resumes_exactly_after_a_ctrl_c(prepared, student, tmp_path):

@@ -107,14 +107,24 @@ def _process_state():
     return PartialState(cpu=not __import__("torch").cuda.is_available())
 
 
-def _images(data: DataConfig):
-    """The scanned source as the trainer sees it (records, buckets, crops); the scan's counts too."""
-    from sdcompress.training.data import CaptionedImages, scan
-
+def _check_source(data: DataConfig) -> None:
+    """One data source, and a folder that exists, before any model is loaded."""
+    if (data.data_dir is None) == (data.dataset_name is None):
+        raise SdcError("give one data source: a folder of images (SOURCE) or --dataset-name NAME.")
+    if data.data_dir is not None and not Path(data.data_dir).expanduser().is_dir():
+        raise SdcError(
+            f"{data.data_dir} is not a folder; give a folder of images with .txt captions or metadata.jsonl."
+        )
     if shards.is_prepared(data.data_dir):
         raise SdcError(
             f"{data.data_dir} is already a prepared dataset; give the folder of images it came from."
         )
+
+
+def _images(data: DataConfig):
+    """The scanned source as the trainer sees it (records, buckets, crops); the scan's counts too."""
+    from sdcompress.training.data import CaptionedImages, scan
+
     records, stats, hf_dataset = scan(data)
     return CaptionedImages(records, data, seed=0, hf_dataset=hf_dataset), stats
 
@@ -147,6 +157,7 @@ def data_prepare(request: DataPrepareRequest, progress: ProgressCallback | None 
         request.output, overwrite=request.overwrite, inputs=[request.data.data_dir, request.model], kind="dir"
     )
     work = work_dir_of(output)
+    _check_source(request.data)
     device = state.device if world > 1 and request.device == "auto" else resolve_device(request.device)
     storage = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(request.dtype)
     PrepareSettings(
