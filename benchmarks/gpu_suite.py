@@ -299,7 +299,9 @@ def step_prune(r: Runner) -> dict[str, Any]:
         t = time.monotonic()
         res = r.cli("prune", "--teacher", teacher, "--preset", preset, "--select", "uniform", "--unet-only",
                     "--device", r.plan.device, "-o", str(r.work / preset), "--overwrite", log=f"prune-{preset}.log")  # fmt: skip
-        out[preset] = {"seconds": round(time.monotonic() - t, 2), "parameters": _find(res, "parameters")}
+        params = _find(res, "parameters")
+        student = params.get("student") if isinstance(params, dict) else params
+        out[preset] = {"seconds": round(time.monotonic() - t, 2), "parameters": student}
     return out
 
 
@@ -641,7 +643,7 @@ PROBES = {"build": probe_build, "extract": probe_extract, "train": probe_train}
 def _fmt(x: Any, spec: str = ".3g") -> str:
     if x is None:
         return "-"
-    return format(x, spec) if isinstance(x, float) else str(x)
+    return format(x, spec) if isinstance(x, float | int) and not isinstance(x, bool) else str(x)
 
 
 def _highlights(s: StepResult) -> str:
@@ -659,7 +661,7 @@ def _highlights(s: StepResult) -> str:
     if s.name == "convert":
         return ", ".join(f"{k} {v}" for k, v in m.items())
     if s.name == "prune":
-        return ", ".join(f"{k} {v['seconds']} s ({v['parameters']:,} params)" for k, v in m.items())
+        return ", ".join(f"{k} {v['seconds']} s ({_fmt(v['parameters'], ',')} params)" for k, v in m.items())
     if s.name == "build":
         return f"models {m['models_seconds']} s, SDXL file {m['sdxl_bytes'] / 2**30:.2f} GiB"
     if s.name == "bench":
@@ -679,7 +681,11 @@ def markdown(report: dict[str, Any], results: list[StepResult]) -> str:
     ]
     for s in results:
         status = "ok" if s.ok else "**FAILED**"
-        cell = _highlights(s).replace("|", "\\|")
+        try:
+            cell = _highlights(s)
+        except (KeyError, TypeError, ValueError):  # a figure missing must not cost the whole report
+            cell = json.dumps(s.metrics, default=str)[:300]
+        cell = cell.replace("|", "\\|")
         lines.append(f"| {s.name} | {status} | {s.seconds:.1f} | {s.budget_s:.0f} | {cell} |")
     bench = next((s for s in results if s.name == "bench" and s.ok), None)
     if bench:
