@@ -115,3 +115,26 @@ def test_mixed_precision_distill_step_is_finite_and_trains_only_the_student(
         want, got = _state(teacher, component), _state(result.output, component)
         assert want.keys() == got.keys()
         assert all(torch.equal(want[k], got[k].to(want[k].dtype)) for k in want), component
+
+
+def test_on_device_routes_only_dtype_changes_through_the_device():
+    """`convert --device` casts on the device; tensors that keep their dtype stay byte-range copies."""
+    from sdcompress.checkpoint.tensors import LazyTensor, RawRange
+    from sdcompress.services.convert import _on_device
+
+    seen: list[str] = []
+    half = torch.randn(4, 3, dtype=torch.float16)
+    full = torch.randn(4, 3)
+    steps = torch.arange(3)
+    raw = (RawRange("model.safetensors", 0, half.nbytes),)
+    sd = {
+        "same": LazyTensor(tuple(half.shape), half.dtype, lambda: half, raw),
+        "cast": LazyTensor(tuple(full.shape), full.dtype, lambda: seen.append("cast") or full),
+        "int": LazyTensor(tuple(steps.shape), steps.dtype, lambda: steps),
+    }
+    out = _on_device(sd, torch.device("cpu"), torch.float16)
+    assert out["same"] is sd["same"] and out["same"].raw == raw
+    assert out["int"] is sd["int"]
+    assert out["cast"].dtype == torch.float16 and not seen
+    assert torch.equal(out["cast"].load(), full.to(torch.float16)) and seen == ["cast"]
+    assert _on_device(sd, torch.device("cpu"), None) is sd

@@ -19,7 +19,7 @@ from sdcompress.checkpoint.finite import finite_model
 from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
-from sdcompress.checkpoint.writers import save_diffusers, save_single_file
+from sdcompress.checkpoint.writers import component_dtype, save_diffusers, save_single_file
 from sdcompress.choices import (
     ConvertFormat,
     DType,
@@ -67,16 +67,20 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _on_device(sd: StateDict, device: torch.device) -> StateDict:
-    """Do dtype work on the GPU when asked: move, cast there, bring back."""
-    if device.type == "cpu":
+def _on_device(sd: StateDict, device: torch.device, dtype: torch.dtype | None) -> StateDict:
+    """Cast on the GPU when asked: move, cast there, bring back.
+
+    Only tensors whose dtype changes go through the device; the others keep
+    their byte ranges, so the writer still copies them file-to-file.
+    """
+    if dtype is None:
         return sd
     out: StateDict = {}
     for k, v in sd.items():
-        if v.raw is not None:
-            out[k] = v
+        if v.dtype.is_floating_point and v.dtype != dtype:
+            out[k] = LazyTensor(v.shape, dtype, lambda v=v: v.loader().to(device).to(dtype).cpu())
         else:
-            out[k] = LazyTensor(v.shape, v.dtype, lambda v=v: v.loader().to(device).cpu())
+            out[k] = v
     return out
 
 
@@ -106,7 +110,10 @@ def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | 
         prediction_type=req.prediction_type,
     )
     if device.type != "cpu":
-        model.components = {k: _on_device(v, device) for k, v in model.components.items()}
+        model.components = {
+            k: _on_device(v, device, component_dtype(model, k, dtype, vae_dtype))
+            for k, v in model.components.items()
+        }
     if not req.allow_nonfinite:
         model = finite_model(model, dtype, vae_dtype)
     notes = list(model.notes)
