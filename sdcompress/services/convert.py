@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.atomic import Overwrite, check_output
 from sdcompress.checkpoint.finite import finite_model
 from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
@@ -41,7 +41,7 @@ class ConvertRequest:
     vae_dtype: DType | None = None
     ema: bool = False
     unet_only: bool = False
-    overwrite: bool = False
+    overwrite: bool | Overwrite = False
     tokenizer: str | None = None
     allow_pickle: bool = False
     allow_nonfinite: bool = False  # write NaN/inf (e.g. an fp16 overflow) instead of refusing them

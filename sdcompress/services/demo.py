@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdcompress.checkpoint.atomic import replacing_dir
+from sdcompress.checkpoint.atomic import Overwrite, replacing_dir
 
 Report = Callable[[str], None]
 
@@ -28,7 +28,7 @@ class DemoRequest:
     images: int = 16
     steps: int = 30
     resolution: int = 64
-    overwrite: bool = False
+    overwrite: bool | Overwrite = False
 
 
 @dataclass

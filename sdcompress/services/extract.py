@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.atomic import Overwrite, check_output
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.extract import Extraction, ExtractOptions, LayerResult, extract
@@ -26,7 +26,7 @@ class ExtractRequest:
     output: str
     options: ExtractOptions = field(default_factory=ExtractOptions)
     format: str = KOHYA  # kohya, peft or kohya,peft
-    overwrite: bool = False
+    overwrite: bool | Overwrite = False
     allow_pickle: bool = False
 
     def outputs(self) -> dict[str, Path]:

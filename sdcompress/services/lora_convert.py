@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdcompress.arch.families import get_family
-from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.atomic import Overwrite, check_output
 from sdcompress.checkpoint.finite import check_finite, overflow_note
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.choices import ConvertFormat, LoraFormat, resolve_dtype
@@ -81,7 +81,7 @@ def convert_lora(
     *,
     base: str | None = None,
     dtype: torch.dtype | None = None,
-    overwrite: bool = False,
+    overwrite: bool | Overwrite = False,
     allow_nonfinite: bool = False,
 ) -> LoraConvertResult:
     """Rewrite the LoRA `src` in layout `to` ("kohya" or "peft") at `dst`; NaN/inf refused unless allowed."""

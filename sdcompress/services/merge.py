@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sdcompress.arch.families import get_family
-from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.atomic import Overwrite, check_output
 from sdcompress.checkpoint.finite import check_finite, finite_model, nonfinite_kind, overflow_note
 from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.resolve import load_model
@@ -78,7 +78,7 @@ class MergeRequest:
     rank: int | None = None  # re-rank to this by SVD of the summed delta
     format: LoraFormat | None = None  # default kohya
     dtype: torch.dtype | None = None
-    overwrite: bool = False
+    overwrite: bool | Overwrite = False
     allow_pickle: bool = False
     allow_nonfinite: bool = False  # write NaN/inf instead of refusing them
     device: str = "cpu"
@@ -263,7 +263,7 @@ def write_model(
     output: str,
     *,
     dtype: torch.dtype | None,
-    overwrite: bool,
+    overwrite: bool | Overwrite,
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
 ) -> list[str]:

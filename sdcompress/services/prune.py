@@ -22,7 +22,7 @@ from sdcompress.arch.count import count_by_stage, count_state_dict
 from sdcompress.arch.families import Config
 from sdcompress.arch.layout import layout_from_config
 from sdcompress.arch.presets import preset_for_family
-from sdcompress.checkpoint.atomic import check_output
+from sdcompress.checkpoint.atomic import Overwrite, check_output
 from sdcompress.checkpoint.model import disk_size
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.tensors import LazyTensor
@@ -59,7 +59,7 @@ class PruneRequest:
     device: str = "auto"
     evaluate: bool = False
     unet_only: bool = False
-    overwrite: bool = False
+    overwrite: bool | Overwrite = False
     allow_pickle: bool = False
 
     def __post_init__(self) -> None:
