@@ -116,6 +116,14 @@ def test_cli_config_with_stages(cli, tmp_path, data_dir):
     assert r.code == 0, r
     record = json.loads((out / RUN_RECORD).read_text())
     assert [s["steps"] for s in record["stages"]] == [1, 2] and record["steps"] == 2
+    # the model card shows the lineage, one row per stage
+    from sdcompress.hub.card import CardFacts, card_body
+    from sdcompress.hub.lineage import folder_lineage
+
+    body = card_body(CardFacts("me/x", "pipeline", None, None, {}, [], folder_lineage(out)))
+    stages_table = body.split("Stages:")[1].split("\n\n")[1].splitlines()
+    assert [r.split("|")[1].strip() for r in stages_table[2:]] == ["1", "2"], body
+    assert all("`tiny-sd`" in r and "9 transformer blocks" in r for r in stages_table[2:]), body
     r = cli(
         "distill", "--config", config, "--teacher", "tiny-sd", "--teacher", "tiny-sd", "-o", tmp_path / "o2"
     )

@@ -189,8 +189,34 @@ RUN_TITLES = {"distill": "Distillation", "finetune": "Fine-tuning", "lora": "LoR
 _RUN_SHOWN = {
     "tool", "version", "command", "kind", "task", "teacher", "base_model", "student", "steps", "max_steps",
     "epoch", "data", "options", "loss_curve", "loss_history", "feature_pairs", "files", "family",
-    "teacher_family", "preset", "teacher_unet_parameters", "student_unet_parameters",
+    "teacher_family", "preset", "teacher_unet_parameters", "student_unet_parameters", "stages",
 }  # fmt: skip
+
+
+def _stages_section(stages: Any) -> list[str]:
+    """A staged distillation's lineage: each stage's teacher and the student it trained (read leniently)."""
+    rows = [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
+    if not rows:
+        return []
+    lines = ["Stages:", "", "| stage | teacher | steps | pruned before | student |", "|---|---|---|---|---|"]
+    for number, stage in enumerate(rows, 1):
+        layout = stage.get("student_layout") if isinstance(stage.get("student_layout"), dict) else {}
+        student = ", ".join(
+            text
+            for text in (
+                layout.get("preset") and f"{layout['preset']}",
+                layout.get("transformer_blocks") is not None
+                and f"{layout['transformer_blocks']} transformer blocks",
+                layout.get("unet_parameters") and f"{_count(layout['unet_parameters'])} U-Net parameters",
+            )
+            if text
+        )
+        prune = json.dumps(stage["prune"], sort_keys=True) if stage.get("prune") else ""
+        lines.append(
+            f"| {stage.get('stage', number)} | `{stage.get('teacher', '?')}` | {stage.get('steps', '')} "
+            f"| {prune} | {student} |"
+        )
+    return lines + [""]
 
 
 def _run_section(run: dict[str, Any], curve: list[dict[str, float]], kind: str | None) -> list[str]:
@@ -215,6 +241,7 @@ def _run_section(run: dict[str, Any], curve: list[dict[str, float]], kind: str |
         )
         lines.append(f"- data: `{data}`")
     lines.append("")
+    lines += _stages_section(run.get("stages"))
     settings = {k: v for k, v in run.items() if k not in _RUN_SHOWN and v is not None}
     options = run.get("options") if isinstance(run.get("options"), dict) else {}
     for title, block in (("Training options", options), ("Settings", settings)):
