@@ -259,3 +259,43 @@ def test_an_image_that_fails_to_decode_while_encoding_is_skipped_and_reported(im
     assert len(dataset) == 5 and stats.unreadable == 2
     captions = [dataset[(i, 0)]["caption"] for i in range(5)]
     assert len(set(captions)) == 5  # every kept sample readable, none twice
+
+
+def test_sdxl_shards_carry_pooled_embeddings_and_micro_conditioning(images, tmp_path):
+    """tiny-sdxl: both encoders' states, the pooled embedding and the crop/size ids train as from images."""
+    from safetensors.torch import load_file
+
+    from sdcompress.services.finetune import FinetuneRequest, finetune
+    from sdcompress.training.config import TrainConfig
+
+    out = tmp_path / "sdxl"
+    data_prepare(prepare_request(images, out, model="tiny-sdxl"))
+    index = shards.read_index(out)
+    assert index.conditioning["pooled_dim"] is not None and index.conditioning["text_dim"] == 96
+    sample = build_dataset(DataConfig(data_dir=out, resolution=RES), seed=0)[0][(5, 0)]
+    assert sample["pooled"].shape == (index.conditioning["pooled_dim"],)
+    assert sample["original_size"] == (32, 64) and sample["target_size"] != (RES, RES)  # a wide bucket
+
+    weights = []
+    for name, data in (("raw", images), ("shards", out)):
+        result = finetune(
+            FinetuneRequest(
+                model="tiny-sdxl",
+                output=tmp_path / name,
+                data=DataConfig(data_dir=data, resolution=RES, buckets=True, caption_dropout=0.5),
+                train=TrainConfig(
+                    work_dir=tmp_path / f"{name}.train",
+                    max_steps=3,
+                    batch_size=2,
+                    lr=1e-3,
+                    checkpoint_every=0,
+                    seed=3,
+                    cpu=True,
+                ),  # fmt: skip
+                save_dtype="fp32",
+            )
+        )
+        assert result.steps == 3
+        weights.append(load_file(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors"))
+    raw, ready = weights
+    assert [k for k in raw if not torch.equal(raw[k], ready[k])] == []

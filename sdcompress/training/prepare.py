@@ -364,7 +364,9 @@ class Preparer:
             if record is None:
                 raise SdcError(f"shard {number} of {work} is missing; run the prepare again with --resume.")
             records.append(record)
-        empty = encode_conditioning(self.encoders, [""], self.device)
+        # Encoded in a batch like every caption (not alone): a batch of one runs other matrix
+        # kernels on the CPU, whose last bits differ (SDXL's pooled projection shows it).
+        empty = encode_conditioning(self.encoders, [""] * self.settings.batch_size, self.device)
         conditioning = {
             "family": self.encoders.family,
             "model": self.settings.model,
