@@ -14,7 +14,7 @@ from test_lora_train import assert_bit_identical, stop_after, tensors_of
 from sdcompress.errors import SdcError
 from sdcompress.hub.lineage import RUN_RECORD
 from sdcompress.services.distill import DistillRequest, distill
-from sdcompress.training.config import ConsistencyConfig
+from sdcompress.training.config import ConsistencyConfig, LossConfig, NoiseConfig
 from sdcompress.training.data import DataConfig
 from sdcompress.training.demo_data import write_demo_dataset
 from sdcompress.training.engine import TrainConfig
@@ -121,6 +121,8 @@ def test_lora_without_lcm_and_bad_guidance_refused(tmp_path, data_dir):
         distill(replace(req, consistency=ConsistencyConfig(lora=4)))
     with pytest.raises(SdcError, match="--w-min"):
         distill(replace(req, consistency=ConsistencyConfig(objective="lcm", w_min=9, w_max=3)))
+    with pytest.raises(SdcError, match="--timesteps does not apply to --objective lcm"):
+        distill(replace(req, loss=LossConfig(noise=NoiseConfig(timesteps="trailing:4"))))
     with pytest.raises(SdcError, match="--student is required"):
         distill(replace(req, consistency=ConsistencyConfig()))
     assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sdcompress.errors import SdcError
 from sdcompress.hub.lineage import run_record, run_record_file
 from sdcompress.training.config import AdapterSpec, ConsistencyConfig, TrainConfig
 from sdcompress.training.lcm_task import LcmTask
@@ -81,6 +82,11 @@ def lcm_task(
     from sdcompress.services.distill import student_prediction
 
     config = request.consistency
+    if request.loss.noise.timesteps:
+        raise SdcError(
+            "--timesteps does not apply to --objective lcm, which trains on its own DDIM grid; "
+            "drop it (set the grid with --ddim-timesteps)."
+        )
     prediction = student_prediction(request, teacher)
     scheduler_config = lcm_scheduler_config(teacher.configs["scheduler"], prediction, config)
     parts.extra_components["scheduler"] = _scheduler(scheduler_config)

@@ -35,7 +35,12 @@ class TrainingSummary:
 
 @runtime_checkable
 class TrainTask(Protocol):
-    """One training job on the shared loop."""
+    """One training job on the shared loop.
+
+    Optional hooks the loop calls when a task has them: `check_dataset(dataset)` before the first
+    step, `checkpoint_state()` (more objects to save and restore with each checkpoint, e.g. LCM's
+    target network) and `after_optimizer_step()` (e.g. that network's EMA update).
+    """
 
     name: str
 
