@@ -186,6 +186,19 @@ def test_training_the_text_encoders_on_prepared_data_is_refused(prepared, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_a_damaged_prepared_dataset_is_one_sentence(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    (copy / shards.shard_name(1)).unlink()
+    with pytest.raises(SdcError, match="lacks shard-00001.tar; copy the whole folder"):
+        build_dataset(DataConfig(data_dir=copy, resolution=RES), seed=0)
+    (copy / shards.INDEX).write_text("[1, 2]")
+    with pytest.raises(SdcError, match="not an index this sdcompress reads"):
+        build_dataset(DataConfig(data_dir=copy, resolution=RES), seed=0)
+
+
 def test_random_augmentation_is_refused_with_prepared_data(prepared):
     with pytest.raises(SdcError, match="drop --random-crop and --random-flip"):
         build_dataset(DataConfig(data_dir=prepared, resolution=RES, random_flip=True), seed=0)

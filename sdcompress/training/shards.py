@@ -122,12 +122,16 @@ def read_index(root: Path | str) -> ShardIndex:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SdcError(f"{path} is not a readable index; prepare the dataset again.") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != FORMAT:
         raise SdcError(
-            f"{path} is not an index this sdcompress reads (format {data.get('format')!r}, "
-            f"expected {FORMAT!r}); prepare the dataset again."
+            f"{path} is not an index this sdcompress reads (format {found!r}, expected {FORMAT!r}); "
+            "prepare the dataset again."
         )
-    missing = [s["url"] for s in data["shards"] if not (root / s["url"]).is_file()]
+    try:
+        missing = [s["url"] for s in data["shards"] if not (root / s["url"]).is_file()]
+    except (KeyError, TypeError) as exc:
+        raise SdcError(f"{path} has no valid shard list; prepare the dataset again.") from exc
     missing += [name for name in (TARGETS, OFFSETS, EMPTY_PROMPT) if not (root / name).is_file()]
     if missing:
         what = missing[0]
