@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcompress.checkpoint.atomic import Overwrite, atomic_dir, check_output
+from sdcompress.choices import resolve_dtype
 from sdcompress.errors import SdcError
 from sdcompress.training import shards
 from sdcompress.training.config import DataConfig
@@ -144,7 +145,6 @@ def _publish(preparer, work: Path, output: Path, request: DataPrepareRequest, st
 
 def data_prepare(request: DataPrepareRequest, progress: ProgressCallback | None = None) -> DataPrepareResult:
     """Prepare (or resume preparing) a dataset and publish it to `request.output`."""
-    import torch
 
     from sdcompress.devices import resolve_device
     from sdcompress.training.prepare import Preparer, load_encoders
@@ -159,7 +159,7 @@ def data_prepare(request: DataPrepareRequest, progress: ProgressCallback | None 
     work = work_dir_of(output)
     _check_source(request.data)
     device = state.device if world > 1 and request.device == "auto" else resolve_device(request.device)
-    storage = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(request.dtype)
+    storage = resolve_dtype(request.dtype)
     PrepareSettings(
         request.model, request.data, request.dtype, request.shard_size, request.batch_size
     ).validate()

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdcompress.choices import resolve_dtype
 from sdcompress.errors import SdcError
 from sdcompress.training import shards as S
 from sdcompress.training.config import DataConfig
@@ -270,7 +271,7 @@ class Preparer:
         self.settings = settings
         self.device = device
         self.num_workers = num_workers
-        self.storage = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
+        self.storage = resolve_dtype(settings.dtype)
         data = settings.data
         self.buckets = (
             [tuple(b) for b in bucket_sizes(data.resolution, data.bucket_step)]
