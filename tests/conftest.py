@@ -62,17 +62,18 @@ def tree_digest(path: Path) -> dict[str, bytes]:
     return {str(p): hashlib.sha256(p.read_bytes()).digest() for p in files}
 
 
-def load_lora_file(pipe, path: Path | str) -> None:
-    """`pipe.load_lora_weights(file)`, as diffusers documents it and users call it.
+def offline_weight_name(path: Path | str) -> dict[str, str]:
+    """What diffusers needs, besides a LoRA file's path, to read it with HF_HUB_OFFLINE set (as tests run).
 
-    diffusers < 0.40 refuses a file path without `weight_name` when HF_HUB_OFFLINE is set (as the
-    tests run): there the file's own name is passed too, which every version accepts.
+    diffusers < 0.40 refuses a file path without `weight_name` offline; every version accepts the
+    file's own name, but newer ones get the bare path, as diffusers documents and users call it.
     """
     import diffusers
     from packaging.version import Version
 
-    path = Path(path)
-    if Version(diffusers.__version__) >= Version("0.40"):
-        pipe.load_lora_weights(str(path))
-    else:
-        pipe.load_lora_weights(str(path), weight_name=path.name)
+    return {} if Version(diffusers.__version__) >= Version("0.40") else {"weight_name": Path(path).name}
+
+
+def load_lora_file(pipe, path: Path | str) -> None:
+    """`pipe.load_lora_weights(file)`, as a user calls it (see `offline_weight_name`)."""
+    pipe.load_lora_weights(str(path), **offline_weight_name(path))

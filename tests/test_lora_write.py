@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from conftest import offline_weight_name
 
 from sdcompress.arch.families import get_family
 from sdcompress.checkpoint.safetensors_io import SafetensorsFile
@@ -68,7 +69,7 @@ def test_diffusers_places_text_encoder_attention_without_an_out_proj_module(tmp_
         mods.append(_module("text_model.encoder.layers.1.mlp.fc1", 2, 2.0, 1))
     out = tmp_path / "te.safetensors"
     write_lora(out, mods, _naming(), fmt="kohya", dtype=torch.float32)
-    sd, _alphas = StableDiffusionPipeline.lora_state_dict(str(out))
+    sd, _alphas = StableDiffusionPipeline.lora_state_dict(str(out), **offline_weight_name(out))
     te = {k.removeprefix("text_encoder."): v for k, v in sd.items() if k.startswith("text_encoder.")}
     peft = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te))  # what load_lora_weights does
     assert "text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in peft
