@@ -140,3 +140,26 @@ def test_cli_lcm_lora_and_student_required_for_distill(cli, tmp_path, data_dir):
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     record = json.loads((out / RUN_RECORD).read_text())
     assert record["consistency"]["lora"] == 2 and record["student"] == "tiny-sd"
+
+
+@pytest.mark.slow
+def test_sdxl_lcm_and_lcm_lora_load_in_diffusers(tmp_path, data_dir):
+    """SDXL: zero unconditional embeddings and pooled text as SDXL's pipeline uses; both outputs load."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    from sdcompress.checkpoint.resolve import load_model
+    from sdcompress.lowrank.layouts import read_lora
+
+    full = distill(replace(lcm_request(data_dir, tmp_path / "full", steps=1), teacher="tiny-sdxl"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(full.output)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 256
+    image = pipe("a red circle", num_inference_steps=2, height=RES, width=RES, output_type="np").images[0]
+    assert image.shape == (RES, RES, 3)
+    lora = distill(replace(lcm_request(data_dir, tmp_path / "lora", steps=1, lora=2), teacher="tiny-sdxl"))
+    # the same first step: a zero LoRA B and a zero guidance projection both start at the teacher
+    assert lora.first_losses["consistency"] == pytest.approx(full.first_losses["consistency"], rel=1e-5)
+    path = lora.output / "pytorch_lora_weights.safetensors"
+    base = StableDiffusionXLPipeline.from_pretrained(load_model("tiny-sdxl").path)
+    load_lora_file(base, path)
+    adapted = sum(1 for _, m in base.unet.named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert adapted == len(read_lora(path).adapters)
