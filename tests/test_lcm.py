@@ -163,3 +163,23 @@ def test_sdxl_lcm_and_lcm_lora_load_in_diffusers(tmp_path, data_dir):
     load_lora_file(base, path)
     adapted = sum(1 for _, m in base.unet.named_modules() if hasattr(m, "lora_A") and m.lora_A)
     assert adapted == len(read_lora(path).adapters)
+
+
+def test_bench_seconds_per_image_for_teacher_and_lcm_student(tmp_path, data_dir, cli):
+    """steps needed / steps per second: 50 guided steps for the teacher, 4 unguided-batch steps for the LCM."""
+    from sdcompress.services.bench import BenchRequest, bench
+
+    lcm = distill(lcm_request(data_dir, tmp_path / "lcm", steps=1)).output
+    req = BenchRequest(
+        models=["tiny-sd", str(lcm)], batch_sizes=(1,), resolution=RES, steps=1, warmup=0, device="cpu"
+    )
+    teacher, student = bench(req).models
+    assert (teacher.image_steps, teacher.cfg, teacher.results[0].unet_batch) == (50, True, 2)
+    assert (student.image_steps, student.cfg, student.results[0].unet_batch) == (4, False, 1)
+    for m in (teacher, student):
+        r = m.results[0]
+        assert r.seconds_per_image == pytest.approx(m.image_steps / r.images_per_s)
+    teacher, student = bench(replace(req, image_steps=(8,))).models
+    assert teacher.image_steps == student.image_steps == 8
+    r = cli("bench", "tiny-sd", lcm, "--image-steps", "50,4,2", "--device", "cpu")
+    assert r.code == 2 and "--image-steps needs one positive step count, or one per model (2)" in r.stderr

@@ -16,11 +16,11 @@ if TYPE_CHECKING:  # the service imports torch: the CLI loads it only when the c
     from sdcompress.services.bench import BenchResult
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
+def _batch_sizes(text: str, flag: str = "--batch-sizes", example: str = "1,4,8") -> tuple[int, ...]:
     try:
         sizes = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
-        raise SdcError(f"--batch-sizes {text!r} is not a list of integers; use e.g. 1,4,8.") from None
+        raise SdcError(f"{flag} {text!r} is not a list of integers; use e.g. {example}.") from None
     return sizes
 
 
@@ -55,17 +55,17 @@ def _render(result: BenchResult) -> None:
                     m.resolution,
                     f"{r.batch_size} ({r.unet_batch})",
                     r.error or _fmt(r.steps_per_s, ".3f"),
-                    _fmt(r.ms_per_step, ".1f"),
                     _fmt(r.images_per_s, ".3f"),
                     "-" if r.speedup is None else f"{r.speedup:.2f}x",
+                    f"{_fmt(r.seconds_per_image, '.3g')} ({m.image_steps})",
                     human_bytes(r.peak_memory) if r.peak_memory is not None else "-",
                 )
             )
     table(
         f"Denoising speed ({result.steps} steps after {result.warmup} warm-up, CFG {'on' if result.cfg else 'off'})",
-        ["model", "px", "batch (U-Net)", "steps/s", "ms/step", "img/s", "speedup", memory],
+        ["model", "px", "batch (U-Net)", "steps/s", "img/s", "speedup", "s/img (steps)", memory],
         rows,
-        right=["px", "steps/s", "ms/step", "img/s", "speedup", memory],
+        right=["px", "steps/s", "img/s", "speedup", "s/img (steps)", memory],
     )
     for n in result.notes:
         note(n)
@@ -118,6 +118,14 @@ def bench(
     teacher: Annotated[
         str | None, typer.Option("--teacher", hidden=True, help="Deprecated name of --family.")
     ] = None,
+    image_steps: Annotated[
+        str | None,
+        typer.Option(
+            "--image-steps",
+            help="Denoising steps one image needs, per model (e.g. 50,50,4; one value: all). Default: 4 for "
+            "a model shipped with LCMScheduler, else 50. s/img = steps/img / (steps/s x batch).",
+        ),
+    ] = None,
     plot_path: Annotated[
         str | None, typer.Option("--plot", help="Also draw a bar chart of steps/s to this PNG file.")
     ] = None,
@@ -145,6 +153,7 @@ def bench(
         random_weights=random_weights,
         family=renamed(family, teacher, new="--family", old="--teacher"),
         allow_pickle=allow_pickle,
+        image_steps=_batch_sizes(image_steps, "--image-steps", "50,50,4") if image_steps else (),
     )
     result = run_bench(req, on_progress=None if json_ else note)
     if plot_path is not None:

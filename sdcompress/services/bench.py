@@ -53,6 +53,9 @@ class BenchRequest:
     family: str | None = None  # with random_weights: the family presets are applied to
     allow_pickle: bool = False
     seed: int = 0
+    # Denoising steps one image needs, per model in order (one value: every model); empty: each model's
+    # default (`default_image_steps`). Seconds per image = steps needed / steps per second.
+    image_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         parse_choices(self)
@@ -70,6 +73,7 @@ class BatchResult:
     peak_memory: int | None
     speedup: float | None = None
     error: str | None = None
+    seconds_per_image: float | None = None  # the model's image steps / (steps/s x batch)
 
 
 @dataclass
@@ -84,6 +88,8 @@ class ModelBench:
     resolution: int
     latent_size: int
     results: list[BatchResult] = field(default_factory=list)
+    image_steps: int = 0  # denoising steps one image needs with this model
+    cfg: bool = True  # whether its U-Net batch is doubled for guidance
 
 
 @dataclass
@@ -116,6 +122,22 @@ class _Subject:
     text_embed_dim: int | None
     size_on_disk: int | None
     unet_factory: Callable[[torch.device, torch.dtype], torch.nn.Module]
+    scheduler: str | None = None  # the scheduler class a model ships with (None: an architecture)
+
+
+# Steps an image takes when nothing else is known: diffusers' pipeline default, and for a model shipped
+# with LCMScheduler (a few-step student) the 4 steps LCM models are used at.
+PIPELINE_STEPS = 50
+FEW_STEP_SCHEDULERS = {"LCMScheduler": 4}
+
+
+def default_image_steps(subject: _Subject) -> int:
+    return FEW_STEP_SCHEDULERS.get(subject.scheduler or "", PIPELINE_STEPS)
+
+
+def uses_cfg(subject: _Subject, req: BenchRequest) -> bool:
+    """A U-Net with a guidance-scale embedding (an LCM) is guided by it: pipelines then run one batch, not two."""
+    return req.cfg and not subject.config.get("time_cond_proj_dim")
 
 
 def _text_embed_dim(configs: dict[str, Config], family: Family) -> int | None:
@@ -206,6 +228,7 @@ def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
         text_embed_dim=_text_embed_dim(model.configs, model.family),
         size_on_disk=disk_size(model.path),
         unet_factory=lambda device, dtype: build_module(model, "unet", dtype=dtype, device=str(device)),
+        scheduler=model.configs.get("scheduler", {}).get("_class_name"),
     )
 
 
@@ -369,6 +392,7 @@ def _measure_model(
     device: torch.device,
     dtype: torch.dtype,
     report: Callable[[str], None],
+    image_steps: int,
 ) -> ModelBench:
     resolution = req.resolution or subject.family.resolution
     latent = latent_size(subject, resolution)
@@ -390,13 +414,16 @@ def _measure_model(
             weights_bytes=sum(p.numel() * p.element_size() for p in unet.parameters()),
             resolution=resolution,
             latent_size=latent,
+            image_steps=image_steps,
+            cfg=uses_cfg(subject, req),
         )
         for batch in req.batch_sizes:
-            unet_batch = batch * (2 if req.cfg else 1)
+            unet_batch = batch * (2 if bench.cfg else 1)
             report(f"{subject.ref}: batch {batch} ({unet_batch} in the U-Net), {req.steps} steps")
-            bench.results.append(
-                _measure_batch(unet, subject, req, batch, unet_batch, latent, device, dtype, sampler)
-            )
+            result = _measure_batch(unet, subject, req, batch, unet_batch, latent, device, dtype, sampler)
+            if result.images_per_s:
+                result.seconds_per_image = image_steps / result.images_per_s
+            bench.results.append(result)
         del unet
     finally:
         if sampler is not None:
@@ -469,6 +496,10 @@ def _check(req: BenchRequest) -> None:
         raise SdcError("--batch-sizes must be positive integers, e.g. 1,4,8.")
     if req.steps < 1 or req.warmup < 0:
         raise SdcError("--steps must be at least 1 and --warmup at least 0.")
+    if len(req.image_steps) not in (0, 1, len(req.models)) or any(n < 1 for n in req.image_steps):
+        raise SdcError(
+            f"--image-steps needs one positive step count, or one per model ({len(req.models)}), e.g. 50,50,4."
+        )
 
 
 def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -> BenchResult:
@@ -482,7 +513,9 @@ def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -
     if device.type == "cpu":
         report("warming up the process (not measured)")
         _warm_up_process(subjects[0], req, device, dtype)
-    models = [_measure_model(s, req, device, dtype, report) for s in subjects]
+    steps = req.image_steps * len(subjects) if len(req.image_steps) == 1 else req.image_steps
+    steps = steps or tuple(default_image_steps(s) for s in subjects)
+    models = [_measure_model(s, req, device, dtype, report, n) for s, n in zip(subjects, steps, strict=True)]
     _speedups(models)
     notes = []
     if device.type == "cpu":
