@@ -178,6 +178,7 @@ def data_prepare(request: DataPrepareRequest, progress: ProgressCallback | None 
     _check_resume(work, settings, request.resume)
     images, stats = _images(data)
     preparer = Preparer(images, encoders, settings, device, num_workers=request.num_workers)
+    state.wait_for_everyone()  # every rank has checked the work folder before the main one writes it
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
         (work / SETTINGS).write_text(

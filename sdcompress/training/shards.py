@@ -202,9 +202,10 @@ class _Shards:
         start = 0 if number == 0 else int(self.ends[number - 1])
         return number, index - start
 
-    def samples_of(self, numbers) -> list[int]:
+    def samples_of(self, numbers) -> np.ndarray:
         """The global sample numbers held by the given shards, in order."""
-        return [i for n in numbers for i in range(0 if n == 0 else int(self.ends[n - 1]), int(self.ends[n]))]
+        ranges = [np.arange(0 if n == 0 else self.ends[n - 1], self.ends[n]) for n in numbers]
+        return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
 
     def read(self, index: int) -> tuple[bytes, bytes]:
         """The safetensors and JSON bytes of sample `index`."""
@@ -251,7 +252,7 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.index.samples
 
-    def rank_batches(self, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    def rank_batches(self, batch_size: int, seed: int, epoch: int, rank: int, world: int):
         """With several processes, each reads only its own shards (every world-th): no two ranks open one.
 
         Within its shards a rank shuffles as `epoch_batches` does (seeded by seed, epoch and rank);
@@ -267,8 +268,8 @@ class PreparedDataset(torch.utils.data.Dataset):
         plans = []
         for r in range(world):
             owned = self._shards.samples_of(range(r, len(self.index.shards), world))
-            batches = epoch_batches([self.targets[i] for i in owned], batch_size, seed * world + r, epoch)
-            plans.append([[owned[j] for j in batch] for batch in batches])
+            mine = BucketTargets(self.targets.numbers[owned], self.targets.buckets)
+            plans.append(epoch_batches(mine, batch_size, seed * world + r, epoch).renumbered(owned))
         common = min(len(p) for p in plans)
         if common == 0:
             raise SdcError(
