@@ -9,7 +9,7 @@ the writers (a diffusers pipeline, or an LCM-LoRA in kohya layout through the on
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ import torch
 
 from sdcompress.errors import SdcError
 from sdcompress.hub.lineage import run_record, run_record_file
-from sdcompress.training.config import AdapterSpec, ConsistencyConfig, TrainConfig
+from sdcompress.training.config import AdapterSpec, ConsistencyConfig
 from sdcompress.training.lcm_task import LcmTask
 from sdcompress.training.task import DiffusionParts, TrainingSummary
 
@@ -60,13 +60,6 @@ def with_guidance_embedding(unet: torch.nn.Module, width: int) -> torch.nn.Modul
     assert not unexpected and all(k.startswith("time_embedding.cond_proj") for k in missing), missing
     torch.nn.init.zeros_(grown.time_embedding.cond_proj.weight)
     return grown.to(next(unet.parameters()).dtype)
-
-
-def validation_steps(train: TrainConfig) -> TrainConfig:
-    """Validation grids at the few steps the student is for, unless --validation-steps was set."""
-    if train.validation.steps != type(train.validation)().steps:
-        return train
-    return replace(train, validation=replace(train.validation, steps=LCM_VALIDATION_STEPS))
 
 
 def lcm_task(
@@ -112,6 +105,7 @@ def lcm_task(
             prediction_type=prediction,
             teacher_prediction_type=teacher.prediction_type,
             lora_file=LORA_FILE if spec is not None else None,
+            **({"stages": list(request.stages)} if request.stages else {}),
         )
         if spec is not None:
             meta = _lora_metadata(request, teacher, spec, summary, prediction, resolution)

@@ -3,8 +3,10 @@
 It is the same service calls the commands make, in order: generate captioned
 data, prune to the SSD-1B layout (importance-selected), distill briefly,
 extract the distillation's change as a LoRA, convert the result to a single
-file, and benchmark teacher against student. Nothing here is special-cased:
-each step would work the same on a full-size SDXL.
+file, a short LCM stage that makes the student a few-step model, and benchmark
+teacher against both students (seconds per image = steps needed / steps per
+second). Nothing here is special-cased: each step would work the same on a
+full-size SDXL.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class DemoRequest:
     preset: str = "ssd-1b"
     images: int = 16
     steps: int = 30
+    lcm_steps: int = 10  # 0: no LCM stage
     resolution: int = 64
     overwrite: bool | Overwrite = False
 
@@ -56,6 +59,7 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
     from sdcompress.services.distill import DistillRequest, distill
     from sdcompress.services.extract import ExtractRequest, run_extract
     from sdcompress.services.prune import PruneRequest, prune
+    from sdcompress.training.config import ConsistencyConfig
     from sdcompress.training.data import DataConfig
     from sdcompress.training.demo_data import write_demo_dataset
     from sdcompress.training.engine import TrainConfig
@@ -66,19 +70,21 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
         "distilled": root / "distilled",
         "lora": root / "distill-delta.safetensors",
         "single_file": root / "distilled.safetensors",
+        "lcm": root / "lcm",
     }
+    total = 7 if req.lcm_steps else 6
 
-    say(f"1/6 writing {req.images} captioned demo images")
+    say(f"1/{total} writing {req.images} captioned demo images")
     write_demo_dataset(paths["data"], req.images, size=req.resolution)
 
-    say(f"2/6 pruning {req.teacher} to the {req.preset} layout (importance-selected blocks)")
+    say(f"2/{total} pruning {req.teacher} to the {req.preset} layout (importance-selected blocks)")
     pruned = prune(
         PruneRequest(
             teacher=req.teacher, output=str(paths["student"]), preset=req.preset, calibration_samples=4
         )
     )
 
-    say(f"3/6 distilling for {req.steps} steps")
+    say(f"3/{total} distilling for {req.steps} steps")
     distilled = distill(
         DistillRequest(
             teacher=req.teacher,
@@ -97,18 +103,43 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
         )
     )
 
-    say("4/6 extracting what distillation changed as a LoRA")
+    say(f"4/{total} extracting what distillation changed as a LoRA")
     lora = run_extract(
         ExtractRequest(base=str(paths["student"]), tuned=str(paths["distilled"]), output=str(paths["lora"]))
     )
 
-    say("5/6 converting the distilled pipeline to a single file")
+    say(f"5/{total} converting the distilled pipeline to a single file")
     single = convert(ConvertRequest(src=str(paths["distilled"]), output=str(paths["single_file"])))
 
-    say("6/6 benchmarking teacher vs student")
+    models = [req.teacher, str(paths["distilled"])]
+    if req.lcm_steps:
+        say(f"6/{total} a {req.lcm_steps}-step LCM stage: the distilled student learns to sample in 4 steps")
+        lcm = distill(
+            DistillRequest(
+                teacher=req.teacher,
+                student=str(paths["distilled"]),
+                output=paths["lcm"],
+                data=DataConfig(data_dir=paths["data"], resolution=req.resolution),
+                train=TrainConfig(
+                    work_dir=root / "lcm-work",
+                    max_steps=req.lcm_steps,
+                    batch_size=2,
+                    lr=1e-4,
+                    checkpoint_every=req.lcm_steps,
+                    keep_checkpoints=1,
+                    num_workers=0,
+                ),
+                consistency=ConsistencyConfig(objective="lcm"),
+            )
+        )
+        models.append(str(lcm.output))
+    else:
+        paths.pop("lcm")
+
+    say(f"{total}/{total} benchmarking teacher vs students (seconds per image = steps needed / steps per s)")
     measured = bench(
         BenchRequest(
-            models=[req.teacher, str(paths["distilled"])],
+            models=models,
             batch_sizes=(1,),
             resolution=req.resolution,
             steps=3,
@@ -116,7 +147,7 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
             device="cpu",
         )
     )
-    teacher_b, student_b = measured.models
+    teacher_b, student_b = measured.models[:2]
     speedup = student_b.results[0].speedup if student_b.results else None
 
     rows = [
@@ -135,6 +166,20 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
             "size_on_disk": student_b.size_on_disk,
         },
     ]
+    if req.lcm_steps:
+        lcm_b = measured.models[2]
+        rows.append(
+            {
+                "model": f"few-step student ({req.preset}, distilled + LCM)",
+                "unet_parameters": lcm_b.parameters,
+                "transformer_blocks": pruned.transformer_blocks["student"],
+                "steps_per_s": lcm_b.results[0].steps_per_s,
+                "size_on_disk": lcm_b.size_on_disk,
+            }
+        )
+    for row, measured_model in zip(rows, measured.models, strict=True):
+        row["image_steps"] = measured_model.image_steps
+        row["seconds_per_image"] = measured_model.results[0].seconds_per_image
     paths_out = {k: str(v) for k, v in paths.items()}
     paths_out["lora_modules"] = str(lora.modules)
     return DemoResult(

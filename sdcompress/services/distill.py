@@ -109,12 +109,12 @@ def student_scheduler_config(request: DistillRequest, teacher) -> dict:
     return config
 
 
-def _validation_for_timesteps(train: TrainConfig, allowed) -> TrainConfig:
-    """Validation images at the teacher's step count when training on a step-distilled teacher's timesteps."""
-    default_steps = type(train.validation)().steps
-    if allowed is None or train.validation.steps != default_steps:
+def default_validation_steps(train: TrainConfig, steps: int | None) -> TrainConfig:
+    """Validation images at the step count the student is for (a step-distilled teacher's, LCM's few),
+    unless --validation-steps was given."""
+    if steps is None or train.validation.steps != type(train.validation)().steps:
         return train
-    return replace(train, validation=replace(train.validation, steps=len(allowed)))
+    return replace(train, validation=replace(train.validation, steps=steps))
 
 
 def _load(request: DistillRequest):
@@ -151,7 +151,7 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     parts = DiffusionParts.from_pipeline(pipe)
     teacher_unet, parts.unet = parts.unet, student_unet
     if request.consistency.is_lcm:
-        from sdcompress.services.consistency import lcm_task, validation_steps
+        from sdcompress.services.consistency import LCM_VALIDATION_STEPS, lcm_task
 
         task = lcm_task(
             request,
@@ -162,7 +162,7 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
             save_dtype(request.save_dtype, teacher),
             data.resolution,
         )
-        train = validation_steps(replace(request.train, output_dir=output))
+        train = default_validation_steps(replace(request.train, output_dir=output), LCM_VALIDATION_STEPS)
         return DistillResult(**vars(run_training(task, train, data, progress)))
     pairs = pair_features(student_unet, pipe.unet, request.features, request.teacher)
     scheduler_config = student_scheduler_config(request, teacher)
@@ -189,7 +189,10 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
         saver=save,
         teacher_prediction=teacher.prediction_type,
     )
-    train = _validation_for_timesteps(replace(request.train, output_dir=output), task.allowed_timesteps)
+    allowed = task.allowed_timesteps
+    train = default_validation_steps(
+        replace(request.train, output_dir=output), None if allowed is None else len(allowed)
+    )
     try:
         result = run_training(task, train, data, progress)
     finally:
