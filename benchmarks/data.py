@@ -211,13 +211,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--loader-batches", type=int, default=200)
     parser.add_argument("--images", type=int, default=32, help="images for the distill comparison")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="distill runs per variant, alternated")
     parser.add_argument("--work-dir", type=Path, help="where the temporary data goes (default: the cache)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -253,15 +254,23 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
+    if report["open"]:
+        _print_open(report["open"])
+    _print_distill(report["distill"])
+
+
+def _print_open(rows: list[dict]) -> None:
     print("| samples | on disk | written in | first batch | RSS after it | RSS growth | loader samples/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in report["open"]:
+    for r in rows:
         print(
             f"| {r['samples']:,} | {r['disk_bytes'] / 1e9:.2f} GB | {r['write_s']:.0f} s | {r['first_batch_s']:.2f} s "
             f"| {_mib(r['rss_after_first_batch'])} | {_mib(r['rss_growth'])} | {r['loader_samples_per_s']:.0f} |"
         )
-    d = report["distill"]
     print()
+
+
+def _print_distill(d: dict) -> None:
     folder, ready = d["folder"], d["shards"]
     print("| distill tiny-sd -> bk-small | step (wall) | step (CPU) | inputs (CPU) | prepare |")
     print("|---|---:|---:|---:|---:|")
@@ -306,8 +315,11 @@ def distill_comparison(args, tmp: Path) -> dict:
     )
     prepare_s = time.perf_counter() - t0
     common = dict(student=student, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size)
-    folder = _child("distill", path=images, work=tmp / "folder", **common)
-    shards = _child("distill", path=tmp / "shards", work=tmp / "from-shards", **common)
+    runs: dict[str, list[dict]] = {"folder": [], "shards": []}
+    for round_ in range(args.rounds):  # alternated, best of each: the neighbours' load changes over minutes
+        for name, path in (("folder", images), ("shards", tmp / "shards")):
+            runs[name].append(_child("distill", path=path, work=tmp / f"{name}-{round_}", **common))
+    folder, shards = ({k: min(r[k] for r in runs[n]) for k in runs[n][0]} for n in ("folder", "shards"))
     return {
         "images": args.images,
         "folder": folder,
