@@ -99,14 +99,14 @@ def test_diffusers_loads_the_file_as_a_user_does_and_fuses_to_our_weights(setup,
     result = run_extract(ExtractRequest(str(bp), str(tp), str(out), options, format=fmt))
     if mode == "energy":  # the case diffusers mis-scaled: ranks (and so kohya alphas) vary per module
         assert len({x.rank for x in result.layers}) > 1
-        alphas = {float(t.load()) for k, t in SafetensorsFile(out).state_dict().items() if k.endswith(".alpha")}
+        alphas = {
+            float(t.load()) for k, t in SafetensorsFile(out).state_dict().items() if k.endswith(".alpha")
+        }
         assert len(alphas) == 1
 
     pipe = load()
     load_lora_file(pipe, str(out))
-    injected = sum(
-        sum(isinstance(m, LoraLayer) for m in getattr(pipe, c).modules()) for c in components
-    )
+    injected = sum(sum(isinstance(m, LoraLayer) for m in getattr(pipe, c).modules()) for c in components)
     assert injected == len(_file_modules(out, fmt))  # every module of the file, text-encoder attention too
     pipe.fuse_lora(components=components)
     pipe.unload_lora_weights()
