@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcompress.checkpoint.atomic import Overwrite, replacing_dir
+from sdcompress.training.config import TrainConfig
 
 Report = Callable[[str], None]
 
@@ -45,6 +46,19 @@ class DemoResult:
     seconds: float = 0.0
 
 
+def _short_run(work_dir: Path, steps: int) -> TrainConfig:
+    """The demo's training settings: a few steps at batch 2, one checkpoint at the end."""
+    return TrainConfig(
+        work_dir=work_dir,
+        max_steps=steps,
+        batch_size=2,
+        lr=1e-4,
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        num_workers=0,
+    )
+
+
 def run_demo(req: DemoRequest, report: Report | None = None) -> DemoResult:
     """Run every step into `req.output`; an old demo folder there stays intact until the new one is done."""
     say = report or (lambda _msg: None)
@@ -62,7 +76,6 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
     from sdcompress.training.config import ConsistencyConfig
     from sdcompress.training.data import DataConfig
     from sdcompress.training.demo_data import write_demo_dataset
-    from sdcompress.training.engine import TrainConfig
 
     paths = {
         "data": root / "data",
@@ -91,15 +104,7 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
             student=str(paths["student"]),
             output=paths["distilled"],
             data=DataConfig(data_dir=paths["data"], resolution=req.resolution),
-            train=TrainConfig(
-                work_dir=root / "distill-work",
-                max_steps=req.steps,
-                batch_size=2,
-                lr=1e-4,
-                checkpoint_every=req.steps,
-                keep_checkpoints=1,
-                num_workers=0,
-            ),
+            train=_short_run(root / "distill-work", req.steps),
         )
     )
 
@@ -120,15 +125,7 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
                 student=str(paths["distilled"]),
                 output=paths["lcm"],
                 data=DataConfig(data_dir=paths["data"], resolution=req.resolution),
-                train=TrainConfig(
-                    work_dir=root / "lcm-work",
-                    max_steps=req.lcm_steps,
-                    batch_size=2,
-                    lr=1e-4,
-                    checkpoint_every=req.lcm_steps,
-                    keep_checkpoints=1,
-                    num_workers=0,
-                ),
+                train=_short_run(root / "lcm-work", req.lcm_steps),
                 consistency=ConsistencyConfig(objective="lcm"),
             )
         )
