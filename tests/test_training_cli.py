@@ -24,17 +24,19 @@ SERVICES = {
     "finetune": ("sdcompress.services.finetune", "finetune"),
     "distill": ("sdcompress.services.distill", "distill"),
     "lora": ("sdcompress.services.lora_train", "lora_train"),
+    "data": ("sdcompress.services.data_prepare", "data_prepare"),
 }
 BASE_ARGS = {
     "finetune": ["finetune", "--model", "tiny-sd"],
     "distill": ["distill", "--teacher", "tiny-sd", "--student", "s"],
     "lora": ["lora", "train", "--model", "tiny-sd"],
+    "data": ["data", "prepare", "--model", "tiny-sd"],
 }
 
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Replace the three services by one that keeps the request and stops with exit code 2."""
+    """Replace the four services by one that keeps the request and stops with exit code 2."""
     import importlib
 
     requests = []
@@ -157,3 +159,63 @@ def test_flags_are_declared_once_across_sections():
 
     with pytest.raises(TypeError, match="declared by both"):
         build_params((DataConfig, DataConfig), (None, "Data"), {}, {})
+
+
+def test_data_prepare_options_keep_their_defaults(cli, recorded, tmp_path):
+    """`data prepare` takes its options from the dataclasses now; its defaults are the ones it always had."""
+    from sdcompress.checkpoint.atomic import Overwrite
+
+    request = run(cli, recorded, "data", tmp_path, "-o", tmp_path / "o")
+    assert request.data == DataConfig(data_dir=tmp_path) and request.output == tmp_path / "o"
+    assert request.dtype == "fp16" and request.shard_size == 1000
+    assert request.batch_size == 8 and request.num_workers == 0
+    assert request.device == "auto" and request.resume is False and request.allow_pickle is False
+    assert request.overwrite is Overwrite.NEVER
+
+    request = run(
+        cli, recorded, "data", "--dataset-name", "user/set", "--dataset-split", "test", "--image-column", "img",
+        "--caption-column", "c", "--caption-extension", ".caption", "--resolution", "64", "--buckets",
+        "--require-captions", "--dtype", "float32", "--shard-size", "5", "--batch-size", "2",
+        "--num-workers", "1", "--device", "cpu", "--resume", "--allow-pickle", "--overwrite", "-o", tmp_path / "o",
+    )  # fmt: skip
+    assert request.data == DataConfig(
+        dataset_name="user/set", dataset_split="test", image_column="img", caption_column="c",
+        caption_extension=".caption", resolution=64, buckets=True, require_captions=True,
+    )  # fmt: skip
+    assert (request.dtype, request.shard_size, request.batch_size, request.num_workers) == ("fp32", 5, 2, 1)
+    assert request.device == "cpu" and request.resume and request.allow_pickle
+    assert request.overwrite is Overwrite.OURS
+
+
+def test_data_prepare_reads_a_config_file(cli, recorded, tmp_path):
+    """Keys are the flag names (SOURCE is `source`), under `[data-prepare]` or at the top; the CLI wins."""
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'model = "tiny-sd"\nresolution = 64\n[data-prepare]\nsource = "{tmp_path}"\nshard-size = 7\n'
+        'dtype = "bf16"\nbuckets = true\noutput = "elsewhere"\n',
+        encoding="utf-8",
+    )
+    r = cli("data", "prepare", "--config", config, "-o", tmp_path / "o", "--shard-size", "9")
+    assert r.code == 2 and "recorded" in r.stderr, r
+    request = recorded[-1]
+    assert request.model == "tiny-sd" and request.output == tmp_path / "o"
+    assert request.data == DataConfig(data_dir=tmp_path, resolution=64, buckets=True)
+    assert request.shard_size == 9 and request.dtype == "bf16"
+
+
+def test_data_prepare_has_no_augmentation_options(cli, recorded, tmp_path):
+    """Prepared latents are fixed center crops: the training-only data flags are not offered."""
+    for flag in ("--random-crop", "--random-flip"):
+        r = cli(*BASE_ARGS["data"], tmp_path, "-o", tmp_path / "o", flag)
+        assert r.code == 2 and "No such option" in r.stderr and not recorded, r
+    config = tmp_path / "run.toml"
+    config.write_text("caption-dropout = 0.1\n", encoding="utf-8")
+    r = cli(*BASE_ARGS["data"], tmp_path, "-o", tmp_path / "o", "--config", config)
+    assert r.code == 2 and "unknown option 'caption-dropout'" in r.stderr and not recorded, r
+
+
+def test_a_subset_naming_an_unknown_option_is_refused():
+    from sdcompress.cli._training_options import build_params
+
+    with pytest.raises(TypeError, match="unknown options: \\['datta'\\]"):
+        build_params((DataConfig,), (None, "Data"), {}, {}, only={DataConfig: ("datta",)})

@@ -40,7 +40,8 @@ AllowNonfinite = Annotated[
         "--allow-nonfinite", help="Write NaN/inf values (e.g. an fp16 overflow) instead of refusing them."
     ),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
+Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 DTYPE_METAVAR = "<fp32|fp16|bf16>"
 DType = Annotated[
     choices.DType | None,

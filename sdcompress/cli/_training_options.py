@@ -1,4 +1,4 @@
-"""One generator for the options of distill, finetune and lora train, built from the training dataclasses.
+"""One generator for the options of distill, finetune, lora train and data prepare, built from dataclasses.
 
 Each option is declared once, as `option(...)` metadata on a dataclass field
 (`sdcompress.training.config`, plus the few command-level fields in each
@@ -9,7 +9,9 @@ this is how a signature is built from data), and on a call it merges
 `--config run.toml`, checks the required options and builds the dataclasses
 that the command's `run` receives. Per-command defaults and help texts are a
 small override table, so the CLI default and the dataclass default can only
-differ where that table says so.
+differ where that table says so. A command may take only some of a
+dataclass's options (`data prepare` has no augmentation flags; the rest keep
+their dataclass defaults), and may take one as a positional argument.
 
 TOML keys are the flag names (`batch-size` or `batch_size`, `format`,
 `type`, `dtype`), optionally under a table named after the command; the old
@@ -96,12 +98,23 @@ class _Param:
     order: tuple[int, int, int]
     repeatable: bool = False  # a tuple field, given as a repeated option
     hidden_alias_of: str | None = None  # for a deprecated spelling: the key of the real option
+    argument: str | None = None  # given as this positional argument instead of its flag
 
     @property
     def key(self) -> str:
+        if self.argument is not None:
+            return self.argument
         return self.flag.key if self.hidden_alias_of is None else _key(self.flag.aliases[0])
 
     def typer_parameter(self) -> inspect.Parameter:
+        if self.argument is not None:
+            info = typer.Argument(help=self.help, show_default=False)
+            return inspect.Parameter(
+                self.key,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=self.default,
+                annotation=Annotated[self.annotation, info],
+            )
         names = [self.flag.name] if self.hidden_alias_of is None else [self.flag.aliases[0]]
         if self.flag.short and self.hidden_alias_of is None:
             names.append(self.flag.short)
@@ -163,12 +176,21 @@ def build_params(
     panels: Sequence[str | None],
     defaults: Mapping[str, Any],
     helps: Mapping[str, str],
+    only: Mapping[type, Sequence[str]] | None = None,
+    arguments: Mapping[str, str] | None = None,
 ) -> list[_Param]:
-    """Every option of a command, in help order: by panel, then by section, then by field."""
+    """Every option of a command, in help order: by panel, then by section, then by field.
+
+    `only[section]` lists the option keys a command takes from that section (default: all of them);
+    `arguments` maps an option key to the positional argument that replaces its flag.
+    """
+    only, arguments = only or {}, arguments or {}
     params: list[_Param] = []
     seen: dict[str, type] = {}
     for s_index, section in enumerate(sections):
         for f_index, (path, hint, flag, default) in enumerate(_walk(section)):
+            if section in only and flag.key not in only[section]:
+                continue
             if flag.key in seen:
                 raise TypeError(f"{flag.name} is declared by both {seen[flag.key]} and {section}")
             seen[flag.key] = section
@@ -191,10 +213,11 @@ def build_params(
                 order=(panels.index(flag.panel), s_index, f_index),
                 repeatable=repeatable,
             )
-            params.append(_Param(**common))
+            params.append(_Param(**common, argument=arguments.get(flag.key)))
             for _ in flag.aliases[:1]:
                 params.append(_Param(**common, hidden_alias_of=flag.key))
-    unknown = set(defaults) - set(seen) | set(helps) - set(seen)
+    selected = {key for keys in only.values() for key in keys} | set(arguments)
+    unknown = (set(defaults) | set(helps) | selected) - set(seen)
     if unknown:
         raise TypeError(f"override for unknown options: {sorted(unknown)}")
     return sorted(params, key=lambda p: p.order)
@@ -228,7 +251,7 @@ def config_key(key: str, params: Sequence[_Param], path: Path) -> tuple[str, str
     aliases = {_key(a): p.key for p in real.values() for a in p.flag.aliases}
     if normal in aliases:
         return aliases[normal], key
-    names = [p.flag.name.lstrip("-") for p in real.values()]
+    names = [p.argument or p.flag.name.lstrip("-") for p in real.values()]
     close = difflib.get_close_matches(key.replace("_", "-"), names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else "the keys are the option names, such as 'batch-size'."
     raise SdcError(f"config file {path} has an unknown option {key!r}; {hint}")
@@ -341,7 +364,7 @@ def _construct(cls: type, nested: dict[tuple[str, ...], dict[str, Any]], prefix:
 
 @dataclass(frozen=True)
 class TrainingCommand:
-    """A training command as data: its sections, help panels, overrides, required flags and what it runs."""
+    """A command as data: its sections, help panels, overrides, required flags and what it runs."""
 
     name: str  # the TOML table of its options
     sections: tuple[type, ...]
@@ -352,11 +375,14 @@ class TrainingCommand:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     helps: Mapping[str, str] = dataclasses.field(default_factory=dict)
     file_keys: Mapping[str, Callable[[Any, str], Any]] = dataclasses.field(default_factory=dict)
+    only: Mapping[type, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # see `build_params`
+    arguments: Mapping[str, str] = dataclasses.field(default_factory=dict)  # option key -> argument name
+    config_panel: str | None = RUN  # the help panel of --config
 
 
 def training_command(spec: TrainingCommand) -> Callable[..., None]:
     """A function Typer can register: its signature lists every option; calling it runs `spec.run`."""
-    params = build_params(spec.sections, spec.panels, spec.defaults, spec.helps)
+    params = build_params(spec.sections, spec.panels, spec.defaults, spec.helps, spec.only, spec.arguments)
     by_key = {p.key: p for p in params}
 
     def command(ctx: typer.Context, **values: Any) -> None:
@@ -385,7 +411,9 @@ def training_command(spec: TrainingCommand) -> Callable[..., None]:
         "config",
         inspect.Parameter.KEYWORD_ONLY,
         default=None,
-        annotation=Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP, rich_help_panel=RUN)],
+        annotation=Annotated[
+            Path | None, typer.Option("--config", help=CONFIG_HELP, rich_help_panel=spec.config_panel)
+        ],
     )
     parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     parameters += [p.typer_parameter() for p in params] + [config]

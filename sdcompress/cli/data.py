@@ -1,24 +1,23 @@
-"""`sdcompress data prepare SOURCE --model REF -o OUT`: shards of latents and text embeddings for training."""
+"""`sdcompress data prepare SOURCE --model REF -o OUT`: shards of latents and text embeddings for training.
+
+The options come from the dataclass fields they fill, through the training commands' generator
+(`cli/_training_options.py`): the data options from `DataConfig` (SOURCE is its `--data`), the output
+and `--num-workers` from `TrainConfig`, and the few that only preparing has from `DataPrepareOptions`.
+So `--config run.toml` works here too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Annotated
+from dataclasses import dataclass, field
 
 import typer
 
 from sdcompress.choices import DType
-from sdcompress.cli._options import (
-    DTYPE_METAVAR,
-    AllowPickle,
-    Device,
-    Json,
-    Output,
-    Overwrite,
-    OverwriteForeign,
-)
+from sdcompress.cli import _training_options as T
+from sdcompress.cli._options import DEVICE_HELP, DTYPE_METAVAR
+from sdcompress.training import config as C
 
 app = typer.Typer(help="Prepare training data: sharded latents and text embeddings.", no_args_is_help=True)
 
@@ -66,104 +65,70 @@ def _progress_bar(enabled: bool) -> Iterator:
         yield update
 
 
-@app.command("prepare")
-def prepare(
-    source: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Folder of images with .txt captions or metadata.jsonl (or give --dataset-name)."
+PREPARE = "Encoding"
+
+
+@dataclass(frozen=True)
+class DataPrepareOptions:
+    """What only `data prepare` has: the encoding model, the storage dtype and the shard layout."""
+
+    model: str | None = field(
+        default=None,
+        metadata=C.option(
+            "--model", "Model whose VAE and text encoders encode the data (the teacher). Required."
         ),
-    ] = None,
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model", help="Model whose VAE and text encoders encode the data (the teacher). Required."
-        ),
-    ] = ...,  # type: ignore[assignment]
-    output: Output = ...,  # type: ignore[assignment]
-    dataset_name: Annotated[
-        str | None, typer.Option("--dataset-name", help="Hugging Face dataset id (needs `datasets`).")
-    ] = None,
-    dataset_split: Annotated[str, typer.Option("--dataset-split", help="Split of --dataset-name.")] = "train",
-    image_column: Annotated[
-        str, typer.Option("--image-column", help="Image column of --dataset-name.")
-    ] = "image",
-    caption_column: Annotated[
-        str, typer.Option("--caption-column", help="Caption column (dataset or metadata.jsonl).")
-    ] = "text",
-    caption_extension: Annotated[
-        str, typer.Option("--caption-extension", help="Sidecar caption suffix.")
-    ] = ".txt",
-    require_captions: Annotated[
-        bool, typer.Option("--require-captions", help="Refuse images without a caption.")
-    ] = False,
-    resolution: Annotated[
-        int | None, typer.Option("--resolution", help="Training resolution (default: the model's).")
-    ] = None,
-    buckets: Annotated[
-        bool, typer.Option("--buckets", help="Aspect-ratio buckets instead of squares.")
-    ] = False,
-    dtype: Annotated[
-        DType,
-        typer.Option(
+    )
+    dtype: DType = field(
+        default=DType.FP16,
+        metadata=C.option(
             "--dtype",
+            "Storage dtype of latents and embeddings (fp32 trains bit-identical to the images).",
+            PREPARE,
+            choices=DType,
             parser=DType.cli,
             metavar=DTYPE_METAVAR,
-            help="Storage dtype of latents and embeddings (fp32 trains bit-identical to the images).",
         ),
-    ] = DType.FP16,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard.")] = 1000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images encoded at once.")] = 8,
-    num_workers: Annotated[int, typer.Option("--num-workers", help="Image loading worker processes.")] = 0,
-    device: Device = "auto",
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted prepare (finished shards are kept).")
-    ] = False,
-    json_: Json = False,
-    overwrite: Overwrite = False,
-    overwrite_foreign: OverwriteForeign = False,
-    allow_pickle: AllowPickle = False,
-) -> None:
-    """Encode captioned images once into WebDataset shards that `--data` trains from."""
-    from sdcompress.checkpoint.atomic import overwrite_mode
+    )
+    shard_size: int = field(default=1000, metadata=C.option("--shard-size", "Samples per shard.", PREPARE))
+    batch_size: int = field(default=8, metadata=C.option("--batch-size", "Images encoded at once.", PREPARE))
+    device: str = field(default="auto", metadata=C.option("--device", DEVICE_HELP, PREPARE))
+    resume: bool = field(
+        default=False,
+        metadata=C.option("--resume", "Continue an interrupted prepare (finished shards are kept).", PREPARE),
+    )
+
+    def __post_init__(self) -> None:
+        C.coerce_choices(self)
+
+
+def run(parsed: T.Parsed) -> None:
     from sdcompress.cli._output import emit_json, note, out, success
     from sdcompress.services.data_prepare import DataPrepareRequest, data_prepare
-    from sdcompress.training.config import DataConfig
 
-    data = DataConfig(
-        data_dir=source,
-        dataset_name=dataset_name,
-        dataset_split=dataset_split,
-        image_column=image_column,
-        caption_column=caption_column,
-        caption_extension=caption_extension,
-        resolution=resolution,
-        buckets=buckets,
-        require_captions=require_captions,
-    )
+    opts, train, output = parsed[DataPrepareOptions], parsed[C.TrainConfig], parsed[T.OutputOptions]
     request = DataPrepareRequest(
-        model=model,
-        output=Path(output),
-        data=data,
-        dtype=str(dtype),
-        shard_size=shard_size,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        resume=resume,
-        overwrite=overwrite_mode(overwrite, overwrite_foreign),
-        allow_pickle=allow_pickle,
+        model=opts.model,
+        output=train.output_dir,
+        data=parsed[C.DataConfig],
+        dtype=str(opts.dtype),
+        shard_size=opts.shard_size,
+        batch_size=opts.batch_size,
+        num_workers=train.num_workers,
+        device=opts.device,
+        resume=opts.resume,
+        overwrite=train.overwrite_policy,
+        allow_pickle=output.allow_pickle,
     )
-    with _progress_bar(not json_) as progress:
+    with _progress_bar(not output.json) as progress:
         result = data_prepare(request, progress)
-    if json_:
+    if output.json:
         import dataclasses
 
         emit_json(dataclasses.asdict(result))
     if result.interrupted:
         note(f"interrupted; finished shards are kept in {result.work_dir}: rerun with --resume to continue")
         raise typer.Exit(130)
-    if json_:
+    if output.json:
         return
     if result.skipped:
         examples = ", ".join(result.skipped_examples)
@@ -175,3 +140,39 @@ def prepare(
         f"{result.buckets} bucket(s)), {result.samples_per_s:.1f} samples/s"
     )
     success(f"wrote {result.output}")
+
+
+prepare = app.command("prepare")(
+    T.training_command(
+        T.TrainingCommand(
+            name="data-prepare",
+            sections=(DataPrepareOptions, C.DataConfig, C.TrainConfig, T.OutputOptions),
+            panels=(None, C.DATA, PREPARE),
+            run=run,
+            required=("model", "output"),
+            only={
+                # augmentation is a training-time choice: prepared latents are center crops, unflipped
+                C.DataConfig: (
+                    "data",
+                    "dataset_name",
+                    "dataset_split",
+                    "image_column",
+                    "caption_column",
+                    "caption_extension",
+                    "resolution",
+                    "buckets",
+                    "require_captions",
+                ),
+                C.TrainConfig: ("output", "overwrite", "overwrite_foreign", "num_workers"),
+                T.OutputOptions: ("allow_pickle", "json"),
+            },
+            arguments={"data": "source"},
+            config_panel=None,
+            helps={
+                "data": "Folder of images with .txt captions or metadata.jsonl (or give --dataset-name).",
+                "num_workers": "Image loading worker processes.",
+            },
+            doc="Encode captioned images once into WebDataset shards that `--data` trains from.",
+        )
+    )
+)
