@@ -2,7 +2,7 @@
 
 These dataclasses are the only place a training option is declared. The
 engine, the tasks and the services read them; the CLI builds its `distill`,
-`finetune` and `lora train` options *from* them (`cli/_training_options.py`
+`finetune`, `lora train` and `data prepare` options *from* them (`cli/_training_options.py`
 reads each field's `option(...)` metadata: flag, help, panel, choices), and
 `--config run.toml` keys are the same flag names. A field without that
 metadata is a library-only setting (e.g. Adam's betas) with no flag.
@@ -149,9 +149,11 @@ DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor epochs is given
 class DataConfig:
     """Where the images come from and how they are turned into training tensors."""
 
-    data_dir: Path | None = field(
+    data_dir: str | None = field(  # str, not Path: it may be a URL (Path folds `s3://` into `s3:/`)
         default=None,
-        metadata=option("--data", "Folder of images with .txt captions or metadata.jsonl.", DATA),
+        metadata=option(
+            "--data", "Folder of images with .txt captions or metadata.jsonl, or a prepared dataset (or its URL).", DATA
+        ),
     )
     dataset_name: str | None = field(
         default=None,
