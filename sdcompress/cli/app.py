@@ -71,7 +71,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": (
         "sdcompress.cli.demo",
         "demo",
-        "Run prune -> distill -> extract-lora -> convert -> bench on the built-in tiny SDXL-shaped model, offline.",
+        "Run prune -> distill -> extract-lora -> convert -> LCM -> bench on the built-in tiny SDXL-shaped model, offline.",
     ),
     "lora": ("sdcompress.cli.lora", "app", "Train LoRA adapters."),
     "data": ("sdcompress.cli.data", "app", "Prepare training data: sharded latents and text embeddings."),
