@@ -169,7 +169,8 @@ prepare = app.command("prepare")(
             arguments={"data": "source"},
             config_panel=None,
             helps={
-                "data": "Folder of images with .txt captions or metadata.jsonl (or give --dataset-name).",
+                "data": "Folder of images with .txt captions or metadata.jsonl, or WebDataset .tar shards "
+                "(path, {000000..000009} pattern or fsspec URL); or give --dataset-name.",
                 "num_workers": "Image loading worker processes.",
             },
             doc="Encode captioned images once into WebDataset shards that `--data` trains from.",

@@ -19,7 +19,7 @@ from typing import Any
 from sdcompress.checkpoint.atomic import Overwrite, atomic_dir, check_output
 from sdcompress.choices import resolve_dtype
 from sdcompress.errors import SdcError
-from sdcompress.training import shards
+from sdcompress.training import remote, shards, tar_source
 from sdcompress.training.config import DataConfig
 from sdcompress.training.prepare import SETTINGS, PrepareProgress, PrepareSettings, ProgressCallback
 
@@ -112,9 +112,17 @@ def _check_source(data: DataConfig) -> None:
     """One data source, and a folder that exists, before any model is loaded."""
     if (data.data_dir is None) == (data.dataset_name is None):
         raise SdcError("give one data source: a folder of images (SOURCE) or --dataset-name NAME.")
+    if tar_source.is_tar_source(data.data_dir):
+        return  # shards are opened (and a missing one named) by the scan
+    if remote.is_url(data.data_dir):
+        raise SdcError(
+            f"{data.data_dir} names no .tar shards; give WebDataset shards (e.g. .../{{000000..000009}}.tar) "
+            "or a local folder of images."
+        )
     if data.data_dir is not None and not Path(data.data_dir).expanduser().is_dir():
         raise SdcError(
-            f"{data.data_dir} is not a folder; give a folder of images with .txt captions or metadata.jsonl."
+            f"{data.data_dir} is not a folder; give a folder of images with .txt captions or metadata.jsonl, "
+            "or .tar shards."
         )
     if shards.is_prepared(data.data_dir):
         raise SdcError(

@@ -149,10 +149,14 @@ DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor epochs is given
 class DataConfig:
     """Where the images come from and how they are turned into training tensors."""
 
-    data_dir: str | None = field(  # str, not Path: it may be a URL (Path folds `s3://` into `s3:/`)
+    # Declared str so that Typer keeps a URL intact (Path folds `s3://` into `s3:/`); a local
+    # path becomes a Path in __post_init__, a URL stays a str.
+    data_dir: str | None = field(
         default=None,
         metadata=option(
-            "--data", "Folder of images with .txt captions or metadata.jsonl, or a prepared dataset (or its URL).", DATA
+            "--data",
+            "Folder of images with .txt captions or metadata.jsonl, or a prepared dataset (or its URL).",
+            DATA,
         ),
     )
     dataset_name: str | None = field(
@@ -195,6 +199,12 @@ class DataConfig:
             "--require-captions", "Refuse images without a caption (default: empty caption).", DATA
         ),
     )
+
+    def __post_init__(self) -> None:
+        from sdcompress.training.remote import is_url
+
+        if isinstance(self.data_dir, str) and not is_url(self.data_dir):
+            object.__setattr__(self, "data_dir", Path(self.data_dir))
 
     def validate(self) -> None:
         """Reject options that cannot work before any image is read."""

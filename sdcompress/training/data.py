@@ -36,9 +36,12 @@ BUCKET_DIVISIBILITY = 64  # VAE factor 8 x three U-Net downsamples: latents must
 
 @dataclass(frozen=True)
 class Record:
-    """One usable image: where to read it, its caption (None when it had none) and its size (h, w)."""
+    """One usable image: where to read it, its caption (None when it had none) and its size (h, w).
 
-    source: str | int
+    `source` is a file path, a Hugging Face row number, or a `tar_source.TarMember`.
+    """
+
+    source: Any
     caption: str | None
     size: tuple[int, int]
 
@@ -64,12 +67,17 @@ class DataStats:
 # ---------------------------------------------------------------------------- scanning
 
 
-def _probe(path: Path) -> tuple[int, int] | None:
-    """Size (h, w) of a readable image, or None when the file is not a decodable image."""
+def _probe(path: Path | bytes) -> tuple[int, int] | None:
+    """Size (h, w) of a readable image (a file, or a tar member's bytes), or None when it does not decode."""
+    import io
+
+    def opened() -> Image.Image:
+        return Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
+
     try:
-        with Image.open(path) as im:
+        with opened() as im:
             im.verify()
-        with Image.open(path) as im:
+        with opened() as im:
             im = ImageOps.exif_transpose(im)
             return im.height, im.width
     except Exception:  # PIL raises many types for broken files; any of them means "unreadable"
@@ -179,6 +187,8 @@ def _hf_records(config: DataConfig, dataset, stats: DataStats) -> list[Record]:
 
 def scan(config: DataConfig) -> tuple[list[Record], DataStats, Any]:
     """Find every usable image; returns the records, the counts, and the HF dataset (or None)."""
+    from sdcompress.training import tar_source
+
     config.validate()
     stats = DataStats()
     hf_dataset = None
@@ -186,6 +196,9 @@ def scan(config: DataConfig) -> tuple[list[Record], DataStats, Any]:
         hf_dataset = _load_hf_dataset(config)
         records = _hf_records(config, hf_dataset, stats)
         where = f"dataset {config.dataset_name!r}"
+    elif tar_source.is_tar_source(config.data_dir):
+        records = tar_source.tar_records(config, stats)
+        where = f"{config.data_dir}"
     else:
         records = _folder_records(config, stats)
         where = f"{config.data_dir}"
@@ -416,6 +429,10 @@ class CaptionedImages(torch.utils.data.Dataset):
     def _open(self, record: Record) -> Image.Image:
         if isinstance(record.source, int):
             image = _as_pil(self.hf_dataset[record.source][self.config.image_column])
+        elif not isinstance(record.source, str):  # a member of a tar shard
+            from sdcompress.training.tar_source import open_member
+
+            image = open_member(record.source)
         else:
             image = Image.open(record.source)
         return ImageOps.exif_transpose(image).convert("RGB")
@@ -461,8 +478,16 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def build_dataset(config: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset, DataStats]:
     """Scan the source and wrap the usable images as a dataset; a prepared dataset is opened, not scanned."""
     from sdcompress.training import shards
+    from sdcompress.training.remote import is_url
+    from sdcompress.training.tar_source import is_tar_source
 
     if config.dataset_name is None and shards.is_prepared(config.data_dir):
         return shards.open_prepared(config, seed)
+    if config.dataset_name is None and (is_url(config.data_dir) or is_tar_source(config.data_dir)):
+        # A tar stream cannot seek: training's shuffled order would re-read a whole shard per image.
+        raise SdcError(
+            f"{config.data_dir} is not a prepared dataset (no {shards.INDEX}); run `sdcompress data prepare` "
+            "on it and train from the result, or train from a local image folder."
+        )
     records, stats, hf_dataset = scan(config)
     return CaptionedImages(records, config, seed, hf_dataset), stats

@@ -240,6 +240,18 @@ def member_offsets(path: Path) -> list[list[int]]:
     return [[*m["safetensors"], *m["json"]] for m in members.values()]
 
 
+def source_name(source: Any, data: DataConfig) -> str:
+    """The image's name within its source: path relative to the folder, tar member name, or dataset row.
+
+    Relative, so the shards do not depend on where the source lies, and a tar
+    made from a folder (keys = relative paths) prepares to the same bytes.
+    """
+    if isinstance(source, str) and data.data_dir is not None:
+        with contextlib.suppress(ValueError):
+            return Path(source).relative_to(Path(data.data_dir).expanduser()).as_posix()
+    return getattr(source, "name", str(source))
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -337,7 +349,7 @@ class Preparer:
                     "original_size": batch["original_sizes"][row].tolist(),
                     "crop_top_left": batch["crop_top_lefts"][row].tolist(),
                     "target_size": batch["target_sizes"][row].tolist(),
-                    "source": str(record.source),
+                    "source": source_name(record.source, self.settings.data),
                 }
                 encoded[index] = S.encode_sample(tensors, meta)
         order = sorted(encoded)

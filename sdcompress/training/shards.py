@@ -21,6 +21,7 @@ start-up and nothing per sample is held in memory.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from collections import OrderedDict
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from sdcompress.errors import SdcError
+from sdcompress.training import remote
 
 INDEX = "sdcompress-shards.json"
 TARGETS = "targets.npy"
@@ -43,8 +45,27 @@ OPEN_SHARDS = 64  # shard files kept open per process (one file descriptor each)
 
 
 def is_prepared(path: Path | str | None) -> bool:
-    """Whether `path` is a prepared dataset (a folder with the index), not a folder of images."""
+    """Whether `path` is a prepared dataset (a folder or URL with the index), not a folder of images."""
+    if remote.is_url(path):
+        return remote.exists(str(remote.join(path, INDEX)))  # type: ignore[arg-type]
     return path is not None and (Path(path).expanduser() / INDEX).is_file()
+
+
+def _file(root: Path | str, name: str) -> Path | str:
+    """A file of the dataset: a path under a folder, a URL under a URL."""
+    return remote.join(root, name)
+
+
+def _read(root: Path | str, name: str) -> bytes:
+    where = _file(root, name)
+    return remote.read_bytes(where) if remote.is_url(root) else Path(where).read_bytes()  # type: ignore[arg-type]
+
+
+def _load_array(root: Path | str, name: str) -> np.ndarray:
+    """A per-sample array: memory-mapped from a folder; read once into memory from a URL (2-32 bytes a sample)."""
+    if remote.is_url(root):
+        return np.load(io.BytesIO(_read(root, name)))
+    return np.load(Path(root) / name, mmap_mode="r")
 
 
 def shard_name(number: int) -> str:
@@ -94,7 +115,7 @@ def decode_sample(tensors: bytes, meta: bytes) -> tuple[dict[str, torch.Tensor],
 class ShardIndex:
     """The parsed index of a prepared dataset."""
 
-    root: Path
+    root: Path | str  # a folder, or a URL (str)
     data: dict[str, Any]
 
     @property
@@ -116,11 +137,12 @@ class ShardIndex:
 
 def read_index(root: Path | str) -> ShardIndex:
     """Read and check a prepared dataset's index (one sentence when it is not one we can read)."""
-    root = Path(root).expanduser()
-    path = root / INDEX
+    url = remote.is_url(root)
+    root = str(root) if url else Path(root).expanduser()
+    path = _file(root, INDEX)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        data = json.loads(_read(root, INDEX))
+    except (OSError, ValueError, SdcError) as exc:
         raise SdcError(f"{path} is not a readable index; prepare the dataset again.") from exc
     found = data.get("format") if isinstance(data, dict) else None
     if found != FORMAT:
@@ -128,11 +150,17 @@ def read_index(root: Path | str) -> ShardIndex:
             f"{path} is not an index this sdcompress reads (format {found!r}, expected {FORMAT!r}); "
             "prepare the dataset again."
         )
+
+    def present(name: str) -> bool:
+        where = _file(root, name)
+        return remote.exists(where) if url else Path(where).is_file()  # type: ignore[arg-type]
+
     try:
-        missing = [s["url"] for s in data["shards"] if not (root / s["url"]).is_file()]
+        # One request per shard for a URL: per shard, not per sample, so start-up stays flat in samples.
+        missing = [s["url"] for s in data["shards"] if not present(s["url"])]
     except (KeyError, TypeError) as exc:
         raise SdcError(f"{path} has no valid shard list; prepare the dataset again.") from exc
-    missing += [name for name in (TARGETS, OFFSETS, EMPTY_PROMPT) if not (root / name).is_file()]
+    missing += [name for name in (TARGETS, OFFSETS, EMPTY_PROMPT) if not present(name)]
     if missing:
         what = missing[0]
         raise SdcError(f"prepared dataset {root} lacks {what}; copy the whole folder or prepare it again.")
@@ -181,14 +209,15 @@ class _Shards:
         self.root = index.root
         self.urls = [s["url"] for s in index.shards]
         self.ends = np.cumsum([s["nsamples"] for s in index.shards])
-        self.offsets = np.load(index.root / OFFSETS, mmap_mode="r")
+        self.offsets = _load_array(index.root, OFFSETS)
+        self.remote = remote.is_url(index.root)
         self._files: OrderedDict[int, int] = OrderedDict()
 
     def _fd(self, number: int) -> int:
         """An open descriptor of shard `number`; the least recently used one is closed past OPEN_SHARDS."""
         fd = self._files.get(number)
         if fd is None:
-            fd = os.open(self.root / self.urls[number], os.O_RDONLY)
+            fd = os.open(Path(self.root) / self.urls[number], os.O_RDONLY)
             self._files[number] = fd
             if len(self._files) > OPEN_SHARDS:
                 os.close(self._files.popitem(last=False)[1])
@@ -209,8 +238,17 @@ class _Shards:
 
     def read(self, index: int) -> tuple[bytes, bytes]:
         """The safetensors and JSON bytes of sample `index`."""
-        fd = self._fd(self.locate(index)[0])
+        number = self.locate(index)[0]
         st_offset, st_size, meta_offset, meta_size = (int(v) for v in self.offsets[index])
+        if self.remote:  # one ranged request covering both members (they lie side by side in the tar)
+            start = min(st_offset, meta_offset)
+            end = max(st_offset + st_size, meta_offset + meta_size)
+            data = remote.read_bytes(str(_file(self.root, self.urls[number])), start, end)
+            return (
+                data[st_offset - start : st_offset - start + st_size],
+                data[meta_offset - start : meta_offset - start + meta_size],
+            )
+        fd = self._fd(number)
         return os.pread(fd, st_size, st_offset), os.pread(fd, meta_size, meta_offset)
 
     def close(self) -> None:
@@ -239,10 +277,10 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.index = index
         self.config = config
         self.seed = seed
-        numbers = np.load(index.root / TARGETS, mmap_mode="r")
+        numbers = _load_array(index.root, TARGETS)
         if len(numbers) != index.samples:
             raise SdcError(
-                f"{index.root / TARGETS} lists {len(numbers)} samples, the index {index.samples}; "
+                f"{_file(index.root, TARGETS)} lists {len(numbers)} samples, the index {index.samples}; "
                 "prepare the dataset again."
             )
         self.targets = BucketTargets(numbers, index.buckets)
@@ -280,9 +318,9 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def _empty_prompt(self) -> dict[str, torch.Tensor]:
         if self._empty is None:
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            self._empty = load_file(self.index.root / EMPTY_PROMPT)
+            self._empty = load(_read(self.index.root, EMPTY_PROMPT))
         return self._empty
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
