@@ -291,3 +291,19 @@ def test_disk_full_during_a_training_checkpoint_is_one_sentence(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(OSError, match="other"), atomic.disk_full_as_error(tmp_path / "ckpt"):
         raise OSError(errno.EIO, "other")
+
+
+def test_a_disk_that_fills_during_an_unsized_write_is_one_sentence(cli, monkeypatch):
+    """A full disk outside the sized writers (a log, a validation grid) is exit 2 and one line, not a traceback."""
+    import errno
+
+    import sdcompress.services.info as info_service
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/outputs/run/log.txt")
+
+    monkeypatch.setattr(info_service, "info", full)
+    r = cli("info", "tiny-sd")
+    assert r.code == 2, r
+    assert "disk is full while writing /outputs/run/log.txt" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

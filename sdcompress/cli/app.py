@@ -7,6 +7,7 @@ shows the traceback instead. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -163,7 +164,7 @@ def main() -> None:
     """Run the CLI; every error the user can fix is one line on stderr with exit code 2 (1 for Ctrl-D)."""
     try:
         from typer._click import exceptions as click_errors  # typer >= 0.26 vendors click: its own types
-    except ImportError:  # typer < 0.26 (our floor is 0.15) runs on the click package
+    except ImportError:  # typer < 0.26 runs on the click package
         from click import exceptions as click_errors
 
     try:
@@ -187,6 +188,14 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as e:
+        # Writers check free space before sized writes and name the output (atomic.py); this catches a
+        # disk that fills during an unsized write (a log, a validation grid) so it is still one sentence.
+        if _state["debug"] or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        _error(f"the disk is full{where}; free some space there or choose another output path.")
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 
