@@ -274,6 +274,7 @@ def test_an_image_that_fails_to_decode_while_encoding_is_skipped_and_reported(im
     assert len(set(captions)) == 5  # every kept sample readable, none twice
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_sdxl_shards_carry_pooled_embeddings_and_micro_conditioning(images, tmp_path):
     """tiny-sdxl: both encoders' states, the pooled embedding and the crop/size ids train as from images."""
     from safetensors.torch import load_file

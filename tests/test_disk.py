@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from sdcompress.checkpoint.tiny import cache_dir
 from sdcompress.testing import cached_random_model, random_cache_dir
 
@@ -36,6 +38,7 @@ def test_a_cached_random_model_is_written_once_and_reused(tmp_path, monkeypatch)
     )
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_the_built_in_tokenizer_folder_goes_when_the_process_ends():
     code = (
         "from sdcompress.checkpoint.tiny import tiny_model\n"

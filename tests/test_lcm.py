@@ -64,6 +64,7 @@ def test_solver_and_boundary_match_diffusers():
     assert guidance_embedding(torch.tensor([3.0, 7.0]), 16).shape == (2, 16)
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_lcm_student_loads_with_lcm_scheduler_and_resumes_exactly(tmp_path, data_dir):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
@@ -165,6 +166,7 @@ def test_sdxl_lcm_and_lcm_lora_load_in_diffusers(tmp_path, data_dir):
     assert adapted == len(read_lora(path).adapters)
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_bench_seconds_per_image_for_teacher_and_lcm_student(tmp_path, data_dir, cli):
     """steps needed / steps per second: 50 guided steps for the teacher, 4 unguided-batch steps for the LCM."""
     from sdcompress.services.bench import BenchRequest, bench

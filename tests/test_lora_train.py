@@ -320,6 +320,7 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(value, b[key]), key
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_lora_resume_is_exact(tmp_path, data):
     """2N steps straight == N steps, Ctrl-C, `--resume latest`, N more: adapters, loss history, lr."""
     from sdcompress.services.lora_train import DreamBooth, LoraTrainRequest, lora_train

@@ -111,9 +111,9 @@ def _tensors(path):
         ("tiny-sd", {"preset": "bk-small"}),
         ("tiny-sd", {"preset": "bk-tiny"}),
         ("tiny-sdxl", {"preset": "ssd-1b", "select": "uniform"}),
-        ("tiny-sdxl", {"preset": "vega", "select": "uniform"}),
-        ("tiny-sdxl", {"preset": "koala-1b", "select": "last"}),
-        ("tiny-sdxl", {"preset": "koala-700m", "select": "uniform"}),
+        pytest.param("tiny-sdxl", {"preset": "vega", "select": "uniform"}, marks=pytest.mark.slow),
+        pytest.param("tiny-sdxl", {"preset": "koala-1b", "select": "last"}, marks=pytest.mark.slow),
+        pytest.param("tiny-sdxl", {"preset": "koala-700m", "select": "uniform"}, marks=pytest.mark.slow),
         ("tiny-sdxl", {"drop_transformer_blocks": 40, "select": "uniform"}),
     ],
 )
@@ -135,6 +135,7 @@ def test_kept_weights_are_bit_identical(tmp_path, teacher, options):
     assert result.parameters["student"] == sum(v.numel() for v in student.values())
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_drop_40_student_loads_with_diffusers_and_runs(tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -229,6 +230,7 @@ def test_existing_output_is_refused_untouched(tmp_path, cli):
 # ---------------------------------------------------------------------------- cost, defaults, progress (16.7)
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_cpu_defaults_keep_a_tiny_model_within_the_budget_and_a_gpu_keeps_full_resolution():
     from sdcompress.prune import importance as imp
 
@@ -257,6 +259,7 @@ def _candidates_of(model, preset):
     return candidates(plan_structure(model, preset=preset))
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_full_size_on_a_cpu_is_flagged_as_gpu_work_and_the_cli_says_how_to_make_it_cheaper(capsys):
     from sdcompress.cli.prune import announce
     from sdcompress.prune import importance as imp
@@ -285,6 +288,7 @@ def test_full_size_on_a_cpu_is_flagged_as_gpu_work_and_the_cli_says_how_to_make_
     assert "GPU work" not in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_scoring_reports_batches_and_the_plan_before_it_starts(tmp_path):
     events, plans = [], []
     prune(
@@ -302,6 +306,7 @@ def test_scoring_reports_batches_and_the_plan_before_it_starts(tmp_path):
     assert [d for _, d, _ in scoring] == list(range(total + 1))
 
 
+@pytest.mark.slow  # over ~6 s on 2 idle cores: the fast lane stays under 4 minutes
 def test_redirected_stderr_gets_progress_lines_with_an_eta(tmp_path, cli, monkeypatch):
     import sdcompress.cli.prune as cli_prune
 

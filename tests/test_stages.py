@@ -54,7 +54,10 @@ def stop_in_stage(stage: int, step: int):
 
 @pytest.mark.parametrize(
     ("teacher", "preset", "drop"),
-    [("tiny-sd", "bk-small", 2), pytest.param("tiny-sdxl", "ssd-1b", 4, marks=pytest.mark.slow)],
+    [
+        pytest.param("tiny-sd", "bk-small", 2, marks=pytest.mark.slow),
+        pytest.param("tiny-sdxl", "ssd-1b", 4, marks=pytest.mark.slow),
+    ],
 )
 def test_two_teachers_with_a_prune_between_resume_exactly(tmp_path, data_dir, teacher, preset, drop):
     teacher_b = perturbed_copy(teacher, tmp_path / "teacher-b")
