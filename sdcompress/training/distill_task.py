@@ -26,7 +26,14 @@ from sdcompress.training.config import DistillWeights
 from sdcompress.training.features import FeaturePair, FeatureTaps
 from sdcompress.training.losses import feature_mse
 from sdcompress.training.noise import convert_prediction
-from sdcompress.training.task import DiffusionParts, DiffusionTask, LossConfig, TrainingSummary, run_unet
+from sdcompress.training.task import (
+    DiffusionParts,
+    DiffusionTask,
+    LossConfig,
+    TrainingSummary,
+    place_teacher,
+    run_unet,
+)
 
 StudentSaver = Callable[[torch.nn.Module, Path, TrainingSummary], None]
 
@@ -82,9 +89,7 @@ class DistillTask(DiffusionTask):
     ) -> None:
         self.student = prepared["unet"]
         self.move_frozen(device, weight_dtype)
-        if device.type == "cuda":
-            self.teacher_dtype = torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
-        self.teacher.to(device, self.teacher_dtype)
+        self.teacher_dtype = place_teacher(self.teacher, device, weight_dtype)
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         prepared = self.prepare(batch, generator)

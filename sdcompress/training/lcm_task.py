@@ -30,7 +30,7 @@ import torch
 from sdcompress.training.conditioning import Conditioning, unet_added_conditions
 from sdcompress.training.config import ConsistencyConfig, LossConfig
 from sdcompress.training.noise import convert_prediction, sample_noise
-from sdcompress.training.task import DiffusionParts, DiffusionTask, TrainingSummary
+from sdcompress.training.task import DiffusionParts, DiffusionTask, TrainingSummary, place_teacher
 
 Saver = Callable[["LcmTask", Path, TrainingSummary], None]
 
@@ -143,9 +143,7 @@ class LcmTask(DiffusionTask):
     ) -> None:
         self.student = prepared["unet"]
         self.move_frozen(device, weight_dtype)
-        if device.type == "cuda":
-            self.teacher_dtype = torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
-        self.teacher.to(device, self.teacher_dtype)
+        self.teacher_dtype = place_teacher(self.teacher, device, weight_dtype)
         if self.target is not None:
             self.target.to(device)
 

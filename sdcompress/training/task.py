@@ -292,6 +292,16 @@ def check_prepared(conditioning: dict[str, Any], parts: DiffusionParts) -> None:
         )
 
 
+def place_teacher(teacher: torch.nn.Module, device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
+    """Move a frozen teacher to the device: half precision on CUDA (bf16 when training in bf16, else fp16),
+    fp32 elsewhere, since it only runs forward. Returns the dtype it now runs in."""
+    dtype = torch.float32
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
+    teacher.to(device, dtype)
+    return dtype
+
+
 def run_unet(unet, prepared: PreparedBatch, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Call a U-Net on a prepared batch, casting inputs to `dtype` (a half-precision teacher) when given."""
     noisy, hidden = prepared.noisy.noisy_latents, prepared.cond.hidden_states
