@@ -47,3 +47,18 @@ def random_student(teacher: Model, preset: str, seed: int = 0) -> Model:
     gen = torch.Generator().manual_seed(seed)
     sd = {k: LazyTensor.of(torch.randn(v.shape, generator=gen)) for k, v in module.state_dict().items()}
     return teacher.with_unet(sd, cfg)
+
+
+def mean_losses(task, data, seeds: int = 3) -> dict[str, float]:
+    """Each loss term of a bound training task over a whole tiny dataset (32 px), averaged over seeds."""
+    from sdcompress.training.data import DataConfig, build_dataset, collate
+
+    dataset, _ = build_dataset(DataConfig(data_dir=data, resolution=32), seed=0)
+    batch = collate([dataset[(i, 0)] for i in range(len(dataset))])
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for seed in range(seeds):
+            for name, value in task.compute_loss(batch, torch.Generator().manual_seed(seed)).items():
+                totals[name] = totals.get(name, 0.0) + float(value) / seeds
+    task.close()
+    return totals

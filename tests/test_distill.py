@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import mean_losses
 
 from sdcompress.errors import SdcError
 from sdcompress.hub.lineage import RUN_RECORD
@@ -72,7 +73,6 @@ def fixed_terms(teacher: str, student_unet, data: Path) -> dict[str, float]:
     """Loss terms of `student_unet` on fixed images, noise and timesteps (the same for every call)."""
     from sdcompress.checkpoint.instantiate import build_pipeline
     from sdcompress.checkpoint.resolve import load_model
-    from sdcompress.training.data import build_dataset, collate
 
     pipe = build_pipeline(load_model(teacher))
     parts = DiffusionParts.from_pipeline(pipe)
@@ -85,15 +85,7 @@ def fixed_terms(teacher: str, student_unet, data: Path) -> dict[str, float]:
         saver=lambda *a: None,
     )
     task.bind({"unet": student_unet}, torch.device("cpu"), torch.float32)
-    dataset, _ = build_dataset(DataConfig(data_dir=data, resolution=32), seed=0)
-    batch = collate([dataset[(i, 0)] for i in range(len(dataset))])
-    totals: dict[str, float] = {}
-    with torch.no_grad():
-        for seed in range(3):
-            for name, value in task.compute_loss(batch, torch.Generator().manual_seed(seed)).items():
-                totals[name] = totals.get(name, 0.0) + float(value) / 3
-    task.close()
-    return totals
+    return mean_losses(task, data)
 
 
 def _unet(folder: Path):

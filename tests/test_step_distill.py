@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import mean_losses
 from test_distill import _unet, make_student, request
 
 from sdcompress.errors import SdcError
@@ -84,22 +85,13 @@ def fixed_terms(teacher: str, student_unet, data: Path, loss: LossConfig) -> dic
     """Loss terms on fixed images, noise and timesteps, with the run's noise settings."""
     from sdcompress.checkpoint.instantiate import build_pipeline
     from sdcompress.checkpoint.resolve import load_model
-    from sdcompress.training.data import DataConfig, build_dataset, collate
 
     parts = DiffusionParts.from_pipeline(build_pipeline(load_model(teacher)))
     teacher_unet, parts.unet = parts.unet, student_unet
     pairs = pair_features(student_unet, teacher_unet, "blocks")
     task = DistillTask(parts, teacher_unet, pairs, feature_norm=True, loss=loss, saver=lambda *a: None)
     task.bind({"unet": student_unet}, torch.device("cpu"), torch.float32)
-    dataset, _ = build_dataset(DataConfig(data_dir=data, resolution=32), seed=0)
-    batch = collate([dataset[(i, 0)] for i in range(len(dataset))])
-    totals: dict[str, float] = {}
-    with torch.no_grad():
-        for seed in range(3):
-            for name, value in task.compute_loss(batch, torch.Generator().manual_seed(seed)).items():
-                totals[name] = totals.get(name, 0.0) + float(value) / 3
-    task.close()
-    return totals
+    return mean_losses(task, data)
 
 
 def test_sample_trailing_teacher_lowers_every_term_and_scheduler_round_trips(
