@@ -112,6 +112,39 @@ class PredictionType(Choice):
     SAMPLE = "sample"
 
 
+class QuantFormat(Choice):
+    """`quantize --format`: what the quantized weights are stored as, and so which loaders read the file.
+
+    `fp8*` are single files (ComfyUI, Forge, A1111, diffusers `from_single_file`); `gguf-*` are
+    U-Net-only files for ComfyUI-GGUF; `nf4` and `int8` are diffusers folders through diffusers'
+    own quantization configs (bitsandbytes, torchao).
+    """
+
+    FP8 = "fp8"
+    FP8_E5M2 = "fp8-e5m2"
+    FP8_SCALED = "fp8-scaled"
+    GGUF_Q8_0 = "gguf-q8_0"
+    GGUF_Q5_1 = "gguf-q5_1"
+    GGUF_Q5_0 = "gguf-q5_0"
+    GGUF_Q4_1 = "gguf-q4_1"
+    GGUF_Q4_0 = "gguf-q4_0"
+    GGUF_F16 = "gguf-f16"
+    NF4 = "nf4"
+    INT8 = "int8"
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.value.startswith("gguf-")
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.value.startswith("fp8")
+
+    @property
+    def is_diffusers(self) -> bool:
+        return self in (QuantFormat.NF4, QuantFormat.INT8)
+
+
 class ModelFormat(Choice):
     """The two ways a whole model is stored."""
 
