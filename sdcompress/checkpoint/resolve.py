@@ -121,10 +121,21 @@ def _load_path(path: Path, *, allow_pickle: bool, ema: bool, prediction_type: st
         return _load_folder(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         sd, metadata = _load_pickle(path, allow_pickle), {}
+    elif path.suffix.lower() == ".gguf":
+        sd, metadata = _load_gguf(path), {}
     else:
+        from sdcompress.quantize.fp8 import quantized_view
+
         f = SafetensorsFile(path)
-        sd, metadata = f.state_dict(), f.metadata
+        sd, metadata = quantized_view(f.state_dict(), f.metadata)  # scaled fp8: scales multiplied out
     return split_single_file(sd, path=path, metadata=metadata, ema=ema, prediction_type=prediction_type)
+
+
+def _load_gguf(path: Path) -> StateDict:
+    """A GGUF U-Net, dequantized into memory at fp16 (GGUF codes have no lazy float view)."""
+    from sdcompress.quantize.gguf import read_gguf
+
+    return {k: LazyTensor.of(t.to(torch.float16)) for k, t in read_gguf(path)}
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> StateDict:

@@ -54,6 +54,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "extract_lora",
         "Extract a LoRA from the difference between a fine-tuned model and its base.",
     ),
+    "quantize": (
+        "sdcompress.cli.quantize",
+        "quantize",
+        "Quantize a model to fp8, scaled fp8 or GGUF files (ComfyUI, Forge, diffusers), each layer's error measured.",
+    ),
     "merge": (
         "sdcompress.cli.merge",
         "merge",
@@ -63,6 +68,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "sdcompress.cli.bench",
         "bench",
         "Measure U-Net parameters, size, peak memory and denoising steps/s; speedup against the first model.",
+    ),
+    "eval": (
+        "sdcompress.cli.eval",
+        "eval_models",
+        "Score models against a teacher on the same prompts and seeds: agreement, CLIP score, FID, a grid.",
     ),
     "push": (
         "sdcompress.cli.push",
@@ -75,6 +85,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Run prune -> distill -> extract-lora -> convert -> LCM -> bench on the built-in tiny SDXL-shaped model, offline.",
     ),
     "lora": ("sdcompress.cli.lora", "app", "Train LoRA adapters."),
+    "embedding": ("sdcompress.cli.embedding", "app", "Train textual-inversion embeddings."),
     "data": ("sdcompress.cli.data", "app", "Prepare training data: sharded latents and text embeddings."),
 }
 _loaded: dict[str, Any] = {}
