@@ -279,7 +279,7 @@ def test_rank_larger_than_a_layer_is_refused(cli, tmp_path, data):
 
 
 def test_unknown_type_and_targets_are_refused(cli, tmp_path, data):
-    assert "--type" in _bad(cli, tmp_path, data, "--type", "dora")
+    assert "--type" in _bad(cli, tmp_path, data, "--type", "boft")
     assert "--targets" in _bad(cli, tmp_path, data, "--targets", "everything")
 
 

@@ -31,7 +31,7 @@ from sdcompress.checkpoint.finite import finite_checked
 from sdcompress.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.errors import SdcError
-from sdcompress.lowrank.merge_math import lora_delta
+from sdcompress.lowrank.merge_math import lora_delta, weight_decompose
 from sdcompress.lowrank.targets import COMPONENTS, TE, TE2, UNET, Naming, Target, is_conv_kernel
 
 KOHYA = "kohya"
@@ -43,13 +43,14 @@ _SUFFIXES = (
     "lora.down.weight", "lora.up.weight", "lora_linear_layer.down.weight", "lora_linear_layer.up.weight",
     "alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b", "w_norm", "b_norm", "dora_scale",
+    "diff", "diff_b", "w_norm", "b_norm", "dora_scale", "lora_magnitude_vector",
 )  # fmt: skip
 _SUFFIX_RX = re.compile(r"^(?P<module>.+?)\.(?P<suffix>" + "|".join(re.escape(s) for s in _SUFFIXES) + r")$")
 _CANON = {
     "lora_A.weight": "down", "lora_down.weight": "down", "lora.down.weight": "down",
     "lora_linear_layer.down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
     "lora.up.weight": "up", "lora_linear_layer.up.weight": "up", "lora_mid.weight": "mid",
+    "lora_magnitude_vector": "magnitude",
 }  # fmt: skip
 # diffusers' attention-processor layout names the projection after the processor attribute
 # (`attn1.processor.to_q_lora`); diffusers' own converter maps it to the module (`attn1.to_q`, or
@@ -75,10 +76,14 @@ class Adapter:
     alpha: float | None = None
 
     @property
+    def decomposed(self) -> bool:
+        """A DoRA (weight-decomposed) update: kohya/LyCORIS `dora_scale` or PEFT `lora_magnitude_vector`."""
+        return "dora_scale" in self.tensors or "magnitude" in self.tensors
+
+    @property
     def kind(self) -> str:
+        """The kind of the weight update itself; a DoRA's is LoRA (or LoHa / LoKr) plus `decomposed`."""
         t = self.tensors
-        if "dora_scale" in t:
-            return "dora"
         if any(k.startswith("hada_") for k in t):
             return "loha"
         if any(k.startswith("lokr_") for k in t):
@@ -92,9 +97,15 @@ class Adapter:
     @property
     def label(self) -> str:
         """The kind as users know it, for messages: LoRA, LoCon (Tucker), LoHa, LoKr, full-diff, norm."""
+        if self.decomposed:
+            return "DoRA" if self.kind == "lora" else f"{self.kind_label} DoRA"
+        return self.kind_label
+
+    @property
+    def kind_label(self) -> str:
         if self.kind == "lora":
             return "LoCon (Tucker)" if "mid" in self.tensors else "LoRA"
-        names = {"loha": "LoHa", "lokr": "LoKr", "diff": "full-diff", "norm": "norm", "dora": "DoRA"}
+        names = {"loha": "LoHa", "lokr": "LoKr", "diff": "full-diff", "norm": "norm"}
         return names[self.kind]
 
     @property
@@ -103,10 +114,6 @@ class Adapter:
 
     def check(self, path: str) -> None:
         kind, t = self.kind, self.tensors
-        if kind == "dora":
-            raise SdcError(
-                f"{path} is a DoRA ({self.name}.dora_scale); sdcompress cannot bake DoRA weights yet."
-            )
         need = {
             "lora": [("down",), ("up",)],
             "loha": [("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)],
@@ -182,6 +189,35 @@ class Adapter:
         w1 = w1.reshape(*w1.shape, *[1] * (w2.ndim - w1.ndim))
         # kron views its inputs: a Tucker rebuild (an einsum) comes back with permuted strides
         return torch.kron(w1.contiguous(), w2.contiguous()).reshape(shape) * scale
+
+    def apply(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """`weight` (fp32) with this update applied at `multiplier`: added, or weight-decomposed for DoRA."""
+        delta = self.delta(tuple(weight.shape))
+        if not self.decomposed:
+            return weight + delta * multiplier
+        scale, on_output = self.magnitude(tuple(weight.shape))
+        return weight_decompose(weight, delta, scale, on_output=on_output, multiplier=multiplier)
+
+    def magnitude(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
+        """The DoRA magnitude, flat, and whether it is per output channel (else per input channel).
+
+        PEFT's `lora_magnitude_vector` is per output channel. A `dora_scale` is
+        per output channel when its first dimension is the layer's output size
+        ([out, 1(, 1, 1)], LyCORIS's default) and per input channel otherwise
+        ([1, in(, 1, 1)], older LyCORIS files): the test ComfyUI applies too.
+        """
+        if "magnitude" in self.tensors:
+            m, on_output = self.tensors["magnitude"].load().float().reshape(-1), True
+        else:
+            d = self.tensors["dora_scale"].load().float()
+            on_output = d.shape[0] == shape[0]
+            m = d.reshape(-1)
+        if m.numel() != (shape[0] if on_output else shape[1]):
+            raise SdcError(
+                f"DoRA module {self.name} has {m.numel()} magnitudes for a {list(shape)} weight; "
+                "use a DoRA made for this model."
+            )
+        return m, on_output
 
     def bias_delta(self) -> torch.Tensor | None:
         for k in ("diff_b", "b_norm"):
@@ -389,6 +425,7 @@ class LoraModule:
     up: torch.Tensor  # [out, r] or [out, r, 1, 1]
     down: torch.Tensor  # [r, in] or [r, in, kh, kw]
     alpha: float
+    magnitude: torch.Tensor | None = None  # DoRA: [out], one norm per output channel (peft's, LyCORIS's)
 
     @property
     def rank(self) -> int:
@@ -417,6 +454,8 @@ def kohya_state_dict(modules: list[LoraModule], naming: Naming, dtype: torch.dty
         sd[f"{name}.alpha"] = _lazy(torch.tensor(float(m.alpha)), dtype)
         sd[f"{name}.lora_down.weight"] = _lazy(m.down, dtype)
         sd[f"{name}.lora_up.weight"] = _lazy(m.up, dtype)
+        if m.magnitude is not None:  # LyCORIS's DoRA, on the output axis: [out, 1] or [out, 1, 1, 1]
+            sd[f"{name}.dora_scale"] = _lazy(m.magnitude.reshape(-1, *[1] * (m.down.dim() - 1)), dtype)
     return sd
 
 
@@ -447,10 +486,15 @@ def peft_state_dict(
             pattern_name[m.target]: m.alpha for m in mods if m.alpha != alpha
         }
         config[f"{component}.init_lora_weights"] = True
+        if any(m.magnitude is not None for m in mods):
+            config[f"{component}.use_dora"] = True
         for m in mods:
             name = naming.peft(m.target)
             sd[f"{name}.lora_A.weight"] = _lazy(m.down, dtype)
             sd[f"{name}.lora_B.weight"] = _lazy(m.up, dtype)
+            if m.magnitude is not None:  # peft's shapes: [out] for a linear, [1, out, 1, 1] for a conv
+                shape = (1, -1, 1, 1) if m.down.dim() == 4 else (-1,)
+                sd[f"{name}.lora_magnitude_vector"] = _lazy(m.magnitude.reshape(shape), dtype)
     return sd, {"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True)}
 
 
@@ -596,6 +640,7 @@ def network_metadata(modules: list[LoraModule], metadata: Mapping[str, str]) -> 
     """`ss_network_dim` / `_alpha` and the conv args of `ss_network_args`, as the written modules carry them.
 
     One rank for all: that rank; ranks that vary: "Dynamic", as kohya's dynamic resize writes.
+    A DoRA names LyCORIS's network and its `dora_wd` argument, as LyCORIS-trained DoRAs do.
     """
 
     def one(values: set) -> str:
@@ -614,8 +659,14 @@ def network_metadata(modules: list[LoraModule], metadata: Mapping[str, str]) -> 
     }
     if conv:
         args |= {"conv_dim": one({m.rank for m in conv}), "conv_alpha": one({m.alpha for m in conv})}
+    dora = {}
+    if any(m.magnitude is not None for m in modules):
+        # how LyCORIS's kohya network is told to train a DoRA (and how its readers tell one)
+        args |= {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+        dora = {"ss_network_module": "lycoris.kohya"}
     main = linear or conv
     return {
+        **dora,
         "ss_network_dim": one({m.rank for m in main}),
         "ss_network_alpha": one({m.alpha for m in main}),
         "ss_network_args": json.dumps(args),
@@ -646,9 +697,8 @@ def with_out_proj_anchors(modules: list[LoraModule], naming: Naming) -> list[Lor
             continue
         target = Target(component, _TE_QKV_RX.sub(".self_attn.out_proj", qkv.target.path))
         if target.path in naming.modules.get(component, ()):  # q/k/v and out_proj share their shape
-            extra.append(
-                replace(qkv, target=target, up=torch.zeros_like(qkv.up), down=torch.zeros_like(qkv.down))
-            )
+            zeros = dict(up=torch.zeros_like(qkv.up), down=torch.zeros_like(qkv.down), magnitude=None)
+            extra.append(replace(qkv, target=target, **zeros))
     return modules + extra
 
 

@@ -135,3 +135,24 @@ def lora_delta(
         return (u @ d) * scale
     w = torch.einsum("oa,abhw,bi->oihw", u, mid.float(), d)
     return w.reshape(w.shape[0], -1) * scale
+
+
+def weight_decompose(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, *, on_output: bool, multiplier: float
+) -> torch.Tensor:
+    """DoRA baked: (W + dW) rescaled so each output (or input) channel has norm `magnitude`.
+
+    peft's DoRA keeps one magnitude per output channel and normalises each row
+    of W + dW over every other axis (the input and kernel axes of a conv);
+    LyCORIS's older files keep one per input channel. A `multiplier` other than
+    1 moves from W towards the DoRA weight, as LyCORIS and ComfyUI apply a
+    strength (peft has no such knob).
+    """
+    w = weight + delta
+    if on_output:
+        norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+    else:
+        norm = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
+    # eps as LyCORIS adds it: a zero row stays zero instead of becoming NaN
+    merged = w * (magnitude.reshape(norm.shape) / (norm + torch.finfo(w.dtype).eps))
+    return merged if multiplier == 1 else weight + (merged - weight) * multiplier

@@ -62,7 +62,7 @@ def is_lora_file(path: str | Path) -> bool:
 
 def _refuse_lycoris(lora: LoraFile) -> None:
     """LyCORIS kinds have no kohya/PEFT LoRA form: say what convert does and what to do with the file."""
-    odd = [a for a in lora.adapters.values() if a.label != "LoRA"]
+    odd = [a for a in lora.adapters.values() if a.label not in ("LoRA", "DoRA")]
     if not odd:
         return
     kinds = ", ".join(sorted({a.label for a in odd}))
@@ -72,6 +72,19 @@ def _refuse_lycoris(lora: LoraFile) -> None:
         "(ComfyUI, A1111/Forge and LyCORIS load it) or bake it into a model with "
         "`sdcompress merge BASE --lora FILE -o OUT`."
     )
+
+
+def _output_magnitude(a, out: int, path: str) -> torch.Tensor | None:
+    """A DoRA's magnitude per output channel (the form both layouts hold), None for a plain LoRA."""
+    if not a.decomposed:
+        return None
+    scale = a.tensors.get("dora_scale")
+    if scale is not None and scale.shape[0] != out:
+        raise SdcError(
+            f"{path} is a DoRA with one magnitude per input channel ({a.name}.dora_scale), which the PEFT "
+            "layout cannot hold; use the file as it is or bake it with `sdcompress merge`."
+        )
+    return a.magnitude((out, 0))[0]
 
 
 def convert_lora(
@@ -95,7 +108,7 @@ def convert_lora(
     for target, a in resolve(lora, naming).items():
         up, down = a.tensors["up"].load(), a.tensors["down"].load()
         alpha = a.alpha if a.alpha is not None else float(down.shape[0])
-        modules.append(LoraModule(target, up, down, alpha))
+        modules.append(LoraModule(target, up, down, alpha, _output_magnitude(a, up.shape[0], lora.path)))
     out_dtype = dtype or modules[0].down.dtype
     if not allow_nonfinite and out_dtype != modules[0].down.dtype:
         for m in modules:

@@ -1,10 +1,11 @@
-"""`lora train`: peft LoRA / LoHa / LoKr adapters on any pipeline (pruned students included), DreamBooth too.
+"""`lora train`: peft LoRA / DoRA / LoHa / LoKr adapters on any pipeline (pruned students included), DreamBooth too.
 
 The run is the shared engine with a `LoraTrainTask`. The output folder holds
 the adapters in the kohya layout (`<name>.safetensors`, `ss_*` metadata
 recording the training options, what A1111 / ComfyUI / diffusers read), the
 PEFT layout (`pytorch_lora_weights.safetensors`) with `format="peft"` or both
-(`"kohya,peft"`), and `sdcompress_run.json`. Plain LoRA goes through the
+(`"kohya,peft"`), and `sdcompress_run.json`. Plain LoRA and DoRA (LyCORIS's
+`dora_scale` / peft's `lora_magnitude_vector` beside the pair) go through the
 project's one LoRA writer; LoHa / LoKr tensors keep their LyCORIS names under
 kohya module names, streamed by the one safetensors writer. LoHa / LoKr have
 no PEFT file: no loader reads LyCORIS tensors under PEFT names.
@@ -74,7 +75,7 @@ class LoraTrainRequest:
 
 def _check(request: LoraTrainRequest) -> None:
     request.adapter.validate()
-    if PEFT in parse_formats(request.format) and request.adapter.type != "lora":
+    if PEFT in parse_formats(request.format) and request.adapter.type not in ("lora", "dora"):
         raise SdcError(
             f"--format peft cannot hold a {request.adapter.type} adapter (no loader reads LyCORIS tensors under "
             "PEFT names); use --format kohya, which ComfyUI, A1111/Forge, LyCORIS and sdcompress merge read."
@@ -152,7 +153,7 @@ def training_metadata(
         prediction_type=request.loss.noise.prediction_type or model.prediction_type,
         resolution=data.resolution,
     )
-    if spec.type != "lora":
+    if spec.type not in ("lora", "dora"):  # a DoRA's network keys come from the writer (network_metadata)
         args = {
             "algo": spec.type,
             **({"conv_dim": str(spec.rank), "conv_alpha": str(spec.lora_alpha)} if conv else {}),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from sdcompress.arch.families import get_family
 from sdcompress.checkpoint.atomic import Overwrite, check_output
+from sdcompress.checkpoint.embedding_files import Embedding, bake_embedding, read_embedding
 from sdcompress.checkpoint.finite import check_finite, finite_model, nonfinite_kind, overflow_note
 from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.resolve import load_model
@@ -82,6 +84,7 @@ class MergeRequest:
     allow_pickle: bool = False
     allow_nonfinite: bool = False  # write NaN/inf instead of refusing them
     device: str = "cpu"
+    embeddings: list[str] = field(default_factory=list)  # textual inversions baked in as new tokens
 
     def __post_init__(self) -> None:
         parse_choices(self)
@@ -157,21 +160,21 @@ def _check_fits(lora: LoraFile, adapter: Adapter, target: Target, model: Model) 
 
 
 def bake_loras(model: Model, loras: list[tuple[LoraFile, float]]) -> tuple[Model, int]:
-    """The model with each LoRA's delta (times its weight) added; lazy, nothing is computed yet."""
+    """The model with each LoRA applied at its weight (added, or weight-decomposed for DoRA); lazy."""
     naming = naming_for(model)
-    updates: dict[tuple[str, str], list[Callable[[tuple[int, ...]], torch.Tensor]]] = {}
+    updates: dict[tuple[str, str], list[Callable[[torch.Tensor], torch.Tensor]]] = {}
     for lora, weight in loras:
         _check_family(lora, model)
         for target, adapter in resolve(lora, naming).items():
             _check_fits(lora, adapter, target, model)
             if adapter.flat_shape() is not None:
                 updates.setdefault((target.component, target.weight_key), []).append(
-                    lambda shape, a=adapter, s=weight: a.delta(shape) * s
+                    lambda w, a=adapter, s=weight: a.apply(w, s)
                 )
             bias_key = target.path + ".bias"
             if adapter.bias_shape() is not None and bias_key in model.components[target.component]:
                 updates.setdefault((target.component, bias_key), []).append(
-                    lambda shape, a=adapter, s=weight: a.bias_delta().reshape(shape) * s
+                    lambda w, a=adapter, s=weight: w + a.bias_delta().reshape(w.shape) * s
                 )
     components = {c: dict(sd) for c, sd in model.components.items()}
     for (component, key), deltas in updates.items():
@@ -179,11 +182,13 @@ def bake_loras(model: Model, loras: list[tuple[LoraFile, float]]) -> tuple[Model
     return dataclasses.replace(model, components=components), len(updates)
 
 
-def _plus(w: LazyTensor, deltas: list[Callable[[tuple[int, ...]], torch.Tensor]]) -> LazyTensor:
+def _plus(w: LazyTensor, updates: list[Callable[[torch.Tensor], torch.Tensor]]) -> LazyTensor:
+    """`w` with each update applied in order (fp32), in its own dtype; a DoRA needs the weight it rescales."""
+
     def load() -> torch.Tensor:
         out = w.load().float()
-        for d in deltas:
-            out += d(w.shape)
+        for update in updates:
+            out = update(out)
         return out.to(w.dtype)
 
     return LazyTensor(w.shape, w.dtype, load)
@@ -364,9 +369,10 @@ def merge_lora_files(
 
 
 def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeResult:
-    inputs = [*request.models, *(ref.path for ref in request.loras)]
+    inputs = [*request.models, *(ref.path for ref in request.loras), *request.embeddings]
     kind = "file" if Path(request.output).suffix == ".safetensors" else "dir"
     check_output(request.output, overwrite=request.overwrite, inputs=inputs, kind=kind)
+    embeddings = _embedding_inputs(request, kind)
     loras = [
         (read_lora(ref.path, allow_nonfinite=request.allow_nonfinite), ref.weight) for ref in request.loras
     ]
@@ -410,20 +416,43 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
         if request.block_weights is not None:
             notes.append(f"block weights {request.block_weights.describe()} (elsewhere --alpha)")
     else:
-        if not loras:
+        if not loras and not embeddings:
             raise SdcError("one model and no --lora: nothing to merge; add --lora FILE or a second model.")
         merged, kind = models[0], "bake"
     adapted = 0
     if loras:
+        from sdcompress.quantize.describe import check_not_quantized
+
+        for m in models:  # a delta added to fp8 codes vanishes in rounding
+            check_not_quantized(m, "bake the LoRA into the full-precision model first, then quantize it.")
         merged, adapted = bake_loras(merged, loras)
         notes.append(f"baked {len(loras)} LoRA(s) into {adapted} tensors")
-    total = sum(len(sd) for sd in merged.components.values())
-    notes += write_model(
-        merged,
-        request.output,
-        dtype=request.dtype,
-        overwrite=request.overwrite,
-        progress=progress,
-        allow_nonfinite=request.allow_nonfinite,
-    )
+    with tempfile.TemporaryDirectory(prefix="sdcompress-tokenizers-") as workdir:
+        for index, emb in enumerate(embeddings):
+            merged = bake_embedding(merged, emb, Path(workdir) / str(index))
+            notes.append(f"baked embedding {emb.token} ({emb.count} vectors) as new tokens")
+        total = sum(len(sd) for sd in merged.components.values())
+        notes += write_model(
+            merged,
+            request.output,
+            dtype=request.dtype,
+            overwrite=request.overwrite,
+            progress=progress,
+            allow_nonfinite=request.allow_nonfinite,
+        )
     return MergeResult(request.output, kind, total, adapted, notes)
+
+
+def _embedding_inputs(request: MergeRequest, kind: str) -> list[Embedding]:
+    """The --embedding files, read; refused without a model or for a single-file output."""
+    if not request.embeddings:
+        return []
+    if not request.models:
+        raise SdcError("--embedding needs a model to bake the token into; give the model first.")
+    if kind == "file":
+        raise SdcError(
+            f"{request.output} is a single file, which cannot carry the extended tokenizer a baked token needs "
+            "(A1111, ComfyUI and from_single_file rebuild the standard vocabulary); write a diffusers folder "
+            "instead, or load the embedding file beside the checkpoint."
+        )
+    return [read_embedding(path) for path in request.embeddings]

@@ -111,6 +111,7 @@ class AdapterType(Choice):
     LORA = "lora"
     LOHA = "loha"
     LOKR = "lokr"
+    DORA = "dora"  # LoRA with weight decomposition (peft's use_dora): magnitude times normalised direction
 
 
 class TargetSet(Choice):

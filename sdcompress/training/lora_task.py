@@ -1,4 +1,4 @@
-"""LoRA / LoHa / LoKr training as a task on the shared loop, with peft adapters.
+"""LoRA / DoRA / LoHa / LoKr training as a task on the shared loop, with peft adapters.
 
 peft injects the adapters (`LoraConfig`, `LoHaConfig`, `LoKrConfig`) into the
 U-Net and optionally the text encoders; only adapter weights train. Targets are
@@ -33,7 +33,9 @@ ADAPTER_TYPES = tuple(AdapterType)
 TARGET_SETS = tuple(TargetSet)
 _ATTENTION_RX = re.compile(r"\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$")
 _FF_RX = re.compile(r"\.ff\.net\.(?:0\.proj|2)$")
-_ADAPTER_PARAM_RX = re.compile(r"\.(?:lora_[AB]|hada_\w+|lokr_\w+)\." + ADAPTER + r"(?:\.|$)")
+_ADAPTER_PARAM_RX = re.compile(
+    r"\.(?:lora_[AB]|lora_magnitude_vector|hada_\w+|lokr_\w+)\." + ADAPTER + r"(?:\.|$)"
+)
 
 
 # ---------------------------------------------------------------------------- targets
@@ -88,9 +90,13 @@ def peft_config(spec: AdapterSpec, paths: list[str], module: torch.nn.Module):
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     common = dict(r=spec.rank, target_modules=paths)
-    if spec.type == "lora":
+    if spec.type in ("lora", "dora"):
         return LoraConfig(
-            lora_alpha=spec.lora_alpha, lora_dropout=spec.dropout, init_lora_weights="gaussian", **common
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.dropout,
+            init_lora_weights="gaussian",
+            use_dora=spec.type == "dora",
+            **common,
         )
     if spec.type == "loha":
         return LoHaConfig(alpha=spec.lora_alpha, rank_dropout=spec.dropout, **common)
@@ -139,7 +145,7 @@ def export_adapters(
     for path in paths:
         layer = module.get_submodule(path)
         target = Target(component, path)
-        if spec.type == "lora":
+        if spec.type in ("lora", "dora"):
             out.append(_lora_module(layer, target))
         elif spec.type == "loha":
             out.append(_loha_module(layer, target))
@@ -154,8 +160,13 @@ def _t(param: torch.Tensor) -> torch.Tensor:
 
 def _lora_module(layer, target: Target) -> LoraModule:
     down, up = _t(layer.lora_A[ADAPTER].weight), _t(layer.lora_B[ADAPTER].weight)
+    # DoRA: peft's magnitude is one number per output channel ([out] for a linear, [1, out, 1, 1] for a conv)
+    dora = layer.lora_magnitude_vector
+    magnitude = _t(dora[ADAPTER].weight).reshape(-1) if ADAPTER in dora else None
     # peft scales by lora_alpha / r, kohya by alpha / rank: the same number with the same alpha.
-    return LoraModule(target=target, up=up, down=down, alpha=float(layer.lora_alpha[ADAPTER]))
+    return LoraModule(
+        target=target, up=up, down=down, alpha=float(layer.lora_alpha[ADAPTER]), magnitude=magnitude
+    )
 
 
 def _loha_module(layer, target: Target) -> LycorisModule:
