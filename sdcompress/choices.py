@@ -173,12 +173,22 @@ class LoraOutputs(Choice):
 
 
 class ConvertFormat(Choice):
-    """`convert --format`: a model layout for models, a LoRA layout for LoRA files."""
+    """`convert --format`: a model layout for models, a LoRA layout for LoRA files, an embedding layout for
+    embeddings (a1111, or diffusers for `load_textual_inversion`)."""
 
     SINGLE_FILE = "single-file"
     DIFFUSERS = "diffusers"
     KOHYA = "kohya"
     PEFT = "peft"
+    A1111 = "a1111"  # an embedding file for A1111 / ComfyUI (for embeddings `diffusers` is diffusers' layout)
+
+
+class CaptionTemplate(Choice):
+    """`embedding train --template`: the prompts an image without a caption (or without the token) gets."""
+
+    OBJECT = "object"
+    STYLE = "style"
+    NONE = "none"
 
 
 class SelectMethod(Choice):

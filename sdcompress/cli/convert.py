@@ -47,7 +47,7 @@ def convert(
         typer.Option(
             "--format",
             help="single-file or diffusers (default: from the output path); for a LoRA file: kohya (default) "
-            "or peft.",
+            "or peft; for an embedding: a1111 (a .safetensors output) or diffusers (a folder).",
         ),
     ] = None,
     to: Annotated[
@@ -67,12 +67,13 @@ def convert(
 ) -> None:
     """Convert between single-file (A1111/ComfyUI) and diffusers folders, and between LoRA layouts.
 
-    A path ending in .safetensors gets a single file; anything else a diffusers folder.
+    Embeddings convert between the A1111/ComfyUI file and diffusers' learned_embeds layout. A path ending in .safetensors gets a single file; anything else a diffusers folder.
     """
     # The services load torch: imported when the command runs, so --help and usage errors stay fast.
     from sdcompress.checkpoint.atomic import overwrite_mode
     from sdcompress.services.convert import ConvertRequest
     from sdcompress.services.convert import convert as run_convert
+    from sdcompress.services.embedding_convert import convert_embedding, is_embedding
     from sdcompress.services.lora_convert import convert_lora_file, is_lora_file
 
     req = ConvertRequest(
@@ -90,6 +91,17 @@ def convert(
         prediction_type=prediction_type,
         format=renamed(format_, to, new="--format", old="--to"),
     )
+    if is_embedding(src):
+        emb = convert_embedding(req)
+        if json_:
+            from dataclasses import asdict
+
+            emit_json(asdict(emb))
+        else:
+            success(
+                f"embedding {emb.token} ({emb.vectors} vectors, {emb.family}) -> {emb.format}: wrote {emb.output}"
+            )
+        return
     if is_lora_file(src):
         lora = convert_lora_file(req)
         if json_:

@@ -54,6 +54,13 @@ def merge(
         float | None, typer.Option("--density", help="ties: share kept; dare: keep rate.")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="dare's random drop (default 0).")] = None,
+    embedding: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--embedding",
+            help="Textual-inversion file or folder to bake in as a new token (repeatable; diffusers output).",
+        ),
+    ] = None,
     rank: Annotated[
         int | None, typer.Option("--rank", help="LoRA + LoRA: re-rank by SVD (with one LoRA: resize it).")
     ] = None,
@@ -88,6 +95,7 @@ def merge(
         overwrite=overwrite_mode(overwrite, overwrite_foreign),
         allow_pickle=allow_pickle,
         allow_nonfinite=allow_nonfinite,
+        embeddings=list(embedding or []),
     )
     with progress_bar("merging", enabled=not json_) as progress:
         result = run_merge(request, progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from sdcompress.arch.families import get_family
 from sdcompress.checkpoint.atomic import Overwrite, check_output
+from sdcompress.checkpoint.embedding_files import Embedding, bake_embedding, read_embedding
 from sdcompress.checkpoint.finite import check_finite, finite_model, nonfinite_kind, overflow_note
 from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.resolve import load_model
@@ -82,6 +84,7 @@ class MergeRequest:
     allow_pickle: bool = False
     allow_nonfinite: bool = False  # write NaN/inf instead of refusing them
     device: str = "cpu"
+    embeddings: list[str] = field(default_factory=list)  # textual inversions baked in as new tokens
 
     def __post_init__(self) -> None:
         parse_choices(self)
@@ -366,9 +369,10 @@ def merge_lora_files(
 
 
 def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeResult:
-    inputs = [*request.models, *(ref.path for ref in request.loras)]
+    inputs = [*request.models, *(ref.path for ref in request.loras), *request.embeddings]
     kind = "file" if Path(request.output).suffix == ".safetensors" else "dir"
     check_output(request.output, overwrite=request.overwrite, inputs=inputs, kind=kind)
+    embeddings = _embedding_inputs(request, kind)
     loras = [
         (read_lora(ref.path, allow_nonfinite=request.allow_nonfinite), ref.weight) for ref in request.loras
     ]
@@ -412,20 +416,39 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
         if request.block_weights is not None:
             notes.append(f"block weights {request.block_weights.describe()} (elsewhere --alpha)")
     else:
-        if not loras:
+        if not loras and not embeddings:
             raise SdcError("one model and no --lora: nothing to merge; add --lora FILE or a second model.")
         merged, kind = models[0], "bake"
     adapted = 0
     if loras:
         merged, adapted = bake_loras(merged, loras)
         notes.append(f"baked {len(loras)} LoRA(s) into {adapted} tensors")
-    total = sum(len(sd) for sd in merged.components.values())
-    notes += write_model(
-        merged,
-        request.output,
-        dtype=request.dtype,
-        overwrite=request.overwrite,
-        progress=progress,
-        allow_nonfinite=request.allow_nonfinite,
-    )
+    with tempfile.TemporaryDirectory(prefix="sdcompress-tokenizers-") as workdir:
+        for index, emb in enumerate(embeddings):
+            merged = bake_embedding(merged, emb, Path(workdir) / str(index))
+            notes.append(f"baked embedding {emb.token} ({emb.count} vectors) as new tokens")
+        total = sum(len(sd) for sd in merged.components.values())
+        notes += write_model(
+            merged,
+            request.output,
+            dtype=request.dtype,
+            overwrite=request.overwrite,
+            progress=progress,
+            allow_nonfinite=request.allow_nonfinite,
+        )
     return MergeResult(request.output, kind, total, adapted, notes)
+
+
+def _embedding_inputs(request: MergeRequest, kind: str) -> list[Embedding]:
+    """The --embedding files, read; refused without a model or for a single-file output."""
+    if not request.embeddings:
+        return []
+    if not request.models:
+        raise SdcError("--embedding needs a model to bake the token into; give the model first.")
+    if kind == "file":
+        raise SdcError(
+            f"{request.output} is a single file, which cannot carry the extended tokenizer a baked token needs "
+            "(A1111, ComfyUI and from_single_file rebuild the standard vocabulary); write a diffusers folder "
+            "instead, or load the embedding file beside the checkpoint."
+        )
+    return [read_embedding(path) for path in request.embeddings]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdcompress.choices import Choice, PredictionType
+from sdcompress.choices import CaptionTemplate, Choice, PredictionType
 from sdcompress.errors import SdcError
 
 # Help panels (rich) the options are grouped in; None is Typer's plain "Options" panel.
@@ -29,6 +29,7 @@ RUN = "Checkpoints, validation and logging"
 ADAPTER = "Adapter"
 DREAMBOOTH = "DreamBooth"
 DISTILLATION = "Distillation"
+EMBEDDING = "Embedding"
 
 
 @dataclass(frozen=True)
@@ -648,3 +649,74 @@ class ConsistencyConfig:
         for ok, message in checks:
             if not ok:
                 raise SdcError(message + "; fix the option and run again.")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """Textual inversion: the new token, where its vectors start, how many, and how captions name it."""
+
+    token: str | None = field(
+        default=None,
+        metadata=option("--token", "The new token prompts will use, e.g. '<my-thing>'. Required.", EMBEDDING),
+    )
+    init_words: str | None = field(
+        default=None,
+        metadata=option(
+            "--init-words",
+            "Words the vectors start from, one vector per word (e.g. 'a cat'). Required.",
+            EMBEDDING,
+        ),
+    )
+    vectors: int | None = field(
+        default=None,
+        metadata=option(
+            "--vectors",
+            "Vectors for the token (default: one per init word; more use the init words again in turn).",
+            EMBEDDING,
+        ),
+    )
+    norm_reg: float = field(
+        default=0.0,
+        metadata=option(
+            "--norm-reg",
+            "Weight of a penalty keeping the new vectors' norms near the vocabulary's mean norm (0: off).",
+            EMBEDDING,
+        ),
+    )
+    template: CaptionTemplate = field(
+        default=CaptionTemplate.OBJECT,
+        metadata=option(
+            "--template",
+            "Captions for images without one (or without the token): object, style or none.",
+            EMBEDDING,
+            choices=CaptionTemplate,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        coerce_choices(self)
+
+    @property
+    def words(self) -> list[str]:
+        return (self.init_words or "").split()
+
+    @property
+    def vector_count(self) -> int:
+        return self.vectors if self.vectors is not None else len(self.words)
+
+    def validate(self) -> None:
+        if not self.token:
+            raise SdcError("--token is required: the new word prompts will use, such as '<my-thing>'.")
+        if any(c.isspace() for c in self.token):
+            raise SdcError(f"--token {self.token!r} must be one word without spaces, such as '<my-thing>'.")
+        if not self.words:
+            raise SdcError("--init-words is required: words close to the concept, such as 'a cat'.")
+        if self.vectors is not None and not 1 <= self.vectors <= 75:
+            raise SdcError(f"--vectors must be between 1 and 75 (CLIP's prompt length), got {self.vectors}.")
+        if self.vector_count < len(self.words):
+            raise SdcError(
+                f"--init-words gives {len(self.words)} vectors, more than --vectors {self.vectors}; "
+                "give fewer words or more vectors."
+            )
+        if self.norm_reg < 0:
+            raise SdcError(f"--norm-reg must be 0 or more, got {self.norm_reg}.")
