@@ -51,6 +51,11 @@ def info(
         f"format {result.format}, prediction {result.prediction_type}, {result.transformer_blocks} transformer blocks"
         + (f", {human_bytes(result.size_on_disk)} on disk" if result.size_on_disk is not None else "")
     )
+    if result.quantization:
+        q = result.quantization
+        out.print(
+            f"quantized: {q['format']}, {q['bits']:g} bits, {q['quantized_fraction']:.0%} of the U-Net's weights"
+        )
     table(
         "Components",
         ["component", "parameters", "dtype"],

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.tensors import LazyTensor
+from sdcompress.errors import SdcError
 
 META_KEY = "sdcompress.quantization"
 FP8_NAMES = {torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8-e5m2"}
@@ -58,3 +60,14 @@ def from_dtypes(unet: Mapping[str, LazyTensor], *, scaled: bool = False) -> Quan
         return None
     name = FP8_NAMES[max(seen, key=seen.__getitem__)]
     return Quantization("fp8-scaled" if scaled else name, 8.0, quantized / total)
+
+
+def of_model(model: Model) -> Quantization | None:
+    return from_metadata(model.metadata) or from_dtypes(model.components["unet"])
+
+
+def check_not_quantized(model: Model, what: str) -> None:
+    """A quantized model cannot take more rounding or a LoRA delta: one sentence, before any work."""
+    q = of_model(model)
+    if q is not None:
+        raise SdcError(f"{model.ref} is already quantized ({q.format}); {what}")

@@ -31,7 +31,7 @@ class KeepList:
     """The default keep-list plus the user's `--keep` patterns (fnmatch globs; a plain word matches inside a name)."""
 
     patterns: tuple[str, ...] = ()
-    forced: frozenset[str] = field(default_factory=frozenset)  # layers the allocation keeps on top
+    forced: frozenset[str] = field(default_factory=frozenset)  # tensors the allocation keeps on top
 
     def reason(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
         """Why `name` stays unquantized (a short phrase), or None when it is quantized."""
@@ -51,7 +51,7 @@ class KeepList:
         for p in self.patterns:
             if _matches(p, name):
                 return f"--keep {p}"
-        if name.rsplit(".", 1)[0] in self.forced:
+        if name in self.forced:
             return "kept by the allocation"
         return None
 
@@ -59,8 +59,8 @@ class KeepList:
         """The `keep(name, t)` callable the writers take: True means store unquantized."""
         return self.reason(name, tuple(t.shape), t.dtype) is not None
 
-    def with_forced(self, layers: Iterable[str]) -> KeepList:
-        return KeepList(self.patterns, self.forced | frozenset(layers))
+    def with_forced(self, names: Iterable[str]) -> KeepList:
+        return KeepList(self.patterns, self.forced | frozenset(names))
 
 
 def _matches(pattern: str, name: str) -> bool:

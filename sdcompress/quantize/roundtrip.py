@@ -47,6 +47,7 @@ def _gguf_type(fmt: QuantFormat):  # noqa: ANN202 - a gguf enum, and gguf is opt
 
 def roundtrip(fmt: QuantFormat, t: torch.Tensor) -> torch.Tensor:
     """`t` (float32) as the loader will see it after `fmt` stored it."""
+    fmt = QuantFormat.parse(fmt, "--format")
     t = t.float()
     if fmt.is_fp8:
         dtype = fp8.DTYPES[fmt]

@@ -109,6 +109,13 @@ def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | 
         tokenizer=req.tokenizer,
         prediction_type=req.prediction_type,
     )
+    notes = []
+    if dtype is None:
+        from sdcompress.quantize.describe import of_model
+
+        if (quant := of_model(model)) is not None:  # loaders expect float weights in a converted model
+            dtype = torch.float16
+            notes.append(f"dequantized {quant.format} to fp16 (--dtype fp32 for fp32)")
     if device.type != "cpu":
         model.components = {
             k: _on_device(v, device, component_dtype(model, k, dtype, vae_dtype))
@@ -116,7 +123,7 @@ def convert(req: ConvertRequest, on_tensor: Callable[[str, LazyTensor], None] | 
         }
     if not req.allow_nonfinite:
         model = finite_model(model, dtype, vae_dtype)
-    notes = list(model.notes)
+    notes = list(model.notes) + notes
     save = save_single_file if target == ModelFormat.SINGLE_FILE else save_diffusers
     notes += save(
         model,

@@ -30,13 +30,17 @@ class InfoResult:
     unet_config: dict[str, Any]
     size_on_disk: int | None
     notes: list[str] = field(default_factory=list)
+    quantization: dict[str, Any] | None = None  # format, bits, quantized_fraction (quantized files)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def model_info(model: Model) -> InfoResult:
+    from sdcompress.quantize.describe import of_model
+
     unet_cfg = model.configs["unet"]
+    quant = of_model(model)
     return InfoResult(
         ref=model.ref,
         format=model.format,
@@ -51,6 +55,7 @@ def model_info(model: Model) -> InfoResult:
         unet_config=unet_cfg,
         size_on_disk=disk_size(model.path),
         notes=list(model.notes),
+        quantization=asdict(quant) if quant is not None else None,
     )
 
 

@@ -368,14 +368,24 @@ def merge_lora_files(
 # ----- the job -----------------------------------------------------------------------------------
 
 
+def _read_lora(path: str, allow_nonfinite: bool) -> LoraFile:
+    """The LoRA at `path`; an A1111 hypernetwork is refused in one sentence (it has no weights to bake)."""
+    from sdcompress.training.hypernetwork import is_hypernetwork_file
+
+    if is_hypernetwork_file(path):
+        raise SdcError(
+            f"{path} is a hypernetwork, which transforms attention inputs while the model runs and cannot "
+            "be baked into its weights; load it beside the model in A1111 or ComfyUI instead."
+        )
+    return read_lora(path, allow_nonfinite=allow_nonfinite)
+
+
 def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeResult:
     inputs = [*request.models, *(ref.path for ref in request.loras), *request.embeddings]
     kind = "file" if Path(request.output).suffix == ".safetensors" else "dir"
     check_output(request.output, overwrite=request.overwrite, inputs=inputs, kind=kind)
     embeddings = _embedding_inputs(request, kind)
-    loras = [
-        (read_lora(ref.path, allow_nonfinite=request.allow_nonfinite), ref.weight) for ref in request.loras
-    ]
+    loras = [(_read_lora(ref.path, request.allow_nonfinite), ref.weight) for ref in request.loras]
     if not request.models:
         if not loras:
             raise SdcError("nothing to merge; give models and/or --lora files.")
@@ -421,6 +431,10 @@ def run_merge(request: MergeRequest, progress: Progress | None = None) -> MergeR
         merged, kind = models[0], "bake"
     adapted = 0
     if loras:
+        from sdcompress.quantize.describe import check_not_quantized
+
+        for m in models:  # a delta added to fp8 codes vanishes in rounding
+            check_not_quantized(m, "bake the LoRA into the full-precision model first, then quantize it.")
         merged, adapted = bake_loras(merged, loras)
         notes.append(f"baked {len(loras)} LoRA(s) into {adapted} tensors")
     with tempfile.TemporaryDirectory(prefix="sdcompress-tokenizers-") as workdir:

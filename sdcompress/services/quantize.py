@@ -25,7 +25,7 @@ from sdcompress.choices import QuantFormat, parse_choices
 from sdcompress.errors import SdcError
 from sdcompress.lowrank.rank import parse_size
 from sdcompress.quantize import fp8
-from sdcompress.quantize.describe import META_KEY, Quantization, from_dtypes, from_metadata
+from sdcompress.quantize.describe import META_KEY, Quantization, check_not_quantized
 from sdcompress.quantize.keep import KeepList
 from sdcompress.quantize.report import LayerReport, OutputError
 from sdcompress.quantize.roundtrip import bits, quantized_bytes, roundtrip
@@ -101,18 +101,20 @@ def _check_request(req: QuantizeRequest) -> tuple[int | None, str]:
     return budget, kind
 
 
-def check_not_quantized(model: Model, what: str) -> None:
-    """A quantized model cannot take more rounding or a LoRA delta: one sentence, before any work."""
-    q = from_metadata(model.metadata) or from_dtypes(model.components["unet"])
-    if q is not None:
-        raise SdcError(f"{model.ref} is already quantized ({q.format}); {what}")
-
-
 # ----- what stays, what goes ----------------------------------------------------------------------
 
 
 def _smallest_size(model_bytes: int, unet_sf: StateDict, quantized: list[str], fmt: QuantFormat) -> int:
     return model_bytes - sum(unet_sf[n].nbytes - quantized_bytes(fmt, unet_sf[n].shape) for n in quantized)
+
+
+HEADER_BYTES = 160  # a safetensors header entry or a GGUF tensor record, about
+
+
+def _unquantized_size(req: QuantizeRequest, model: Model, unet_sf: StateDict) -> int:
+    """The output file with nothing quantized: what `--budget` is weighed against."""
+    sd = unet_sf if req.format.is_gguf else single_file_state_dict(model)[0]
+    return sum(t.nbytes + HEADER_BYTES for t in sd.values())
 
 
 def _allocate(
@@ -135,7 +137,7 @@ def _allocate(
         scores = sensitivity.output_scores(model, to_diffusers, rt, fixed_inputs(model), progress=progress)
         how = "U-Net output error with each layer alone quantized"
     saving = {n: unet_sf[n].nbytes - quantized_bytes(fmt, unet_sf[n].shape) for n in candidates}
-    smallest = _smallest_size(model.size_bytes(), unet_sf, candidates, fmt)
+    smallest = _smallest_size(_unquantized_size(req, model, unet_sf), unet_sf, candidates, fmt)
     alloc = sensitivity.allocate(scores, saving, smallest, budget=budget, max_error=req.max_error)
     notes = [
         f"allocation by {how}: kept {len(alloc.kept)} of {len(candidates)} quantizable layers, "
