@@ -225,6 +225,24 @@ class MergeMethod(Choice):
     DARE = "dare"
 
 
+class Sampler(Choice):
+    """`eval --scheduler`: the diffusers scheduler images are generated with (`model`: the model's own)."""
+
+    MODEL = "model"
+    PNDM = "pndm"
+    DDIM = "ddim"
+    EULER = "euler"
+    DPM = "dpm++"
+    LCM = "lcm"
+
+
+class EvalMetric(Choice):
+    """`eval --metrics`: `agreement` (latent MSE, PSNR, SSIM against the teacher) needs no extra weights."""
+
+    AGREEMENT = "agreement"
+    CLIP = "clip"
+    FID = "fid"
+
 def _choice_of(hint: Any) -> type[Choice] | None:
     """The Choice in a field's type (`DType`, `DType | None`), if any."""
     options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
