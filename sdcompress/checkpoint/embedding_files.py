@@ -34,6 +34,7 @@ import torch
 from sdcompress.checkpoint.atomic import Overwrite, atomic_dir
 from sdcompress.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from sdcompress.checkpoint.tensors import LazyTensor, concat_rows
+from sdcompress.checkpoint.tokenizer import write_clip_tokenizer, write_extended_tokenizer
 from sdcompress.errors import SdcError
 
 A1111_KEY = "emb_params"
@@ -263,20 +264,31 @@ def check_new_token(tokenizer, token: str, count: int, where: str = "the tokeniz
     return names
 
 
+def _spec(model, index: int):
+    return next(s for s in model.family.text_encoders if s.component == ENCODERS[index])
+
+
 def _tokenizer(model, index: int):
     """The model's tokenizer for encoder `index`: its own folder, or the bundled CLIP vocabulary."""
     from transformers import CLIPTokenizer
 
-    from sdcompress.checkpoint.tokenizer import write_clip_tokenizer
-
-    name = TOKENIZERS[index]
-    src = model.tokenizer_dirs.get(name)
+    src = model.tokenizer_dirs.get(TOKENIZERS[index])
     if src is not None:
         return CLIPTokenizer.from_pretrained(str(src))
-    spec = next(s for s in model.family.text_encoders if s.component == ENCODERS[index])
     with tempfile.TemporaryDirectory() as tmp:
-        write_clip_tokenizer(Path(tmp), pad_token=spec.pad_token)
+        write_clip_tokenizer(Path(tmp), pad_token=_spec(model, index).pad_token)
         return CLIPTokenizer.from_pretrained(tmp)
+
+
+def _check_written(folder: Path, new_ids: dict[str, int]) -> None:
+    """Read the written tokenizer back: each new token must get the id of its row, or the bake is wrong."""
+    from transformers import CLIPTokenizer
+
+    got = CLIPTokenizer.from_pretrained(str(folder)).convert_tokens_to_ids(list(new_ids))
+    if got != list(new_ids.values()):
+        raise RuntimeError(
+            f"the extended tokenizer in {folder} gives ids {got}, expected {list(new_ids.values())}"
+        )
 
 
 def bake_embedding(model, emb: Embedding, workdir: Path):
@@ -300,9 +312,11 @@ def bake_embedding(model, emb: Embedding, workdir: Path):
                 f"{model.ref}'s {TOKENIZERS[index]} has {len(tokenizer)} entries but its text encoder "
                 f"{matrix.shape[0]} embedding rows; the new token's id would not be its row."
             )
-        tokenizer.add_tokens(names)
         folder = Path(workdir) / TOKENIZERS[index]
-        tokenizer.save_pretrained(str(folder))
+        new_ids = {name: matrix.shape[0] + i for i, name in enumerate(names)}
+        write_extended_tokenizer(folder, new_ids, src=model.tokenizer_dirs.get(TOKENIZERS[index]),
+                                 pad_token=_spec(model, index).pad_token)  # fmt: skip
+        _check_written(folder, new_ids)
         tokenizer_dirs[TOKENIZERS[index]] = folder
         components[component][TOKEN_EMBEDDING_KEY] = concat_rows([matrix, _lazy(vectors, matrix.dtype)])
         configs[component]["vocab_size"] = matrix.shape[0] + emb.count

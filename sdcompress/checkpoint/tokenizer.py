@@ -133,3 +133,38 @@ def write_clip_tokenizer(
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     specials = _special_tokens(pad_token)
     (dst / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_extended_tokenizer(
+    dst: Path, new_tokens: dict[str, int], *, src: Path | None, pad_token: str
+) -> None:
+    """A tokenizer folder at `dst` that knows `new_tokens` (token -> id) besides the vocabulary (a baked embedding).
+
+    Written in the slow-tokenizer file set every transformers version reads:
+    `vocab.json` + `merges.txt` from the source folder (or the bundled vocabulary),
+    the new tokens as entries of `added_tokens_decoder` in `tokenizer_config.json`.
+    A source `tokenizer.json` is left out: it would list the vocabulary without them.
+    transformers 5's own `save_pretrained` writes only `tokenizer.json`, which
+    transformers 4 (our floor) cannot read as a `CLIPTokenizer`, hence this function.
+    """
+    dst = Path(dst)
+    if src is not None and (Path(src) / "vocab.json").is_file() and (Path(src) / "merges.txt").is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in Path(src).iterdir():
+            if f.is_file() and f.name != "tokenizer.json":
+                (dst / f.name).write_bytes(f.read_bytes())
+    else:
+        write_clip_tokenizer(dst, pad_token=pad_token)
+    config_path = dst / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    added = config.setdefault("added_tokens_decoder", {})
+    for token, index in new_tokens.items():
+        added[str(index)] = {
+            "content": token,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+            "special": False,
+        }
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
