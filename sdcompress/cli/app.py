@@ -85,6 +85,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Run prune -> distill -> extract-lora -> convert -> LCM -> bench on the built-in tiny SDXL-shaped model, offline.",
     ),
     "lora": ("sdcompress.cli.lora", "app", "Train LoRA adapters."),
+    "hypernetwork": ("sdcompress.cli.hypernetwork", "app", "Train A1111 hypernetworks."),
     "embedding": ("sdcompress.cli.embedding", "app", "Train textual-inversion embeddings."),
     "data": ("sdcompress.cli.data", "app", "Prepare training data: sharded latents and text embeddings."),
 }
