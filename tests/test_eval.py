@@ -265,3 +265,31 @@ def test_eval_bad_input_is_one_sentence(cli, tmp_path):
     for args, message in cases:
         r = cli("eval", *args)
         assert r.code == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r)
+
+
+@pytest.mark.slow
+def test_distill_eval_every_reports_teacher_agreement(pruned, tmp_path):
+    from sdcompress.services.distill import DistillRequest, distill
+    from sdcompress.training.config import TeacherEvalConfig, TrainConfig
+    from sdcompress.training.data import DataConfig
+    from sdcompress.training.demo_data import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "data", 2, size=32)
+    events = []
+    request = DistillRequest(
+        teacher="tiny-sd",
+        student=str(pruned),
+        output=tmp_path / "out",
+        data=DataConfig(data_dir=data, resolution=32),
+        train=TrainConfig(
+            work_dir=tmp_path / "work", max_steps=2, batch_size=2, checkpoint_every=0, cpu=True
+        ),
+        teacher_eval=TeacherEvalConfig(every=1, steps=2, prompts=("a cube", "a ball")),
+    )
+    distill(request, events.append)
+    evals = [e for e in events if e.kind == "eval"]
+    assert [e.step for e in evals] == [1, 2]
+    for e in evals:
+        assert set(e.losses) == {"eval/latent_mse", "eval/psnr", "eval/ssim"}
+        assert e.losses["eval/latent_mse"] > 0 and 0 < e.losses["eval/ssim"] < 1
+    assert evals[0].losses != evals[1].losses  # the student changed between the two

@@ -476,6 +476,8 @@ class TrainingProgress:
             )
         elif event.kind == "start" and event.message:
             self.progress.console.print(f"[dim]{event.message}[/dim]")
+        elif event.kind == "eval" and not self.disable:
+            self.progress.console.print(f"[dim]teacher agreement at step {event.step}: {event.message}[/dim]")
         elif event.kind in ("checkpoint", "validation", "interrupted") and not self.disable:
             self.progress.console.print(f"[dim]{event.kind} at step {event.step}: {event.path}[/dim]")
 

@@ -100,6 +100,7 @@ def run(parsed: T.Parsed) -> None:
         save_dtype=out.dtype,
         allow_pickle=out.allow_pickle,
         consistency=parsed[C.ConsistencyConfig],
+        teacher_eval=parsed[C.TeacherEvalConfig],
     )
     with T.TrainingProgress(err, disable=out.json) as progress:
         result = distill_stages(request, stages, progress) if stages else distill(request, progress)
@@ -124,6 +125,7 @@ distill = T.training_command(
             DistillOptions,
             C.ConsistencyConfig,
             C.DistillWeights,
+            C.TeacherEvalConfig,
             C.DataConfig,
             C.LossConfig,
             C.TrainConfig,

@@ -20,7 +20,7 @@ from sdcompress.errors import SdcError
 from sdcompress.hub.lineage import run_record as lineage_record
 from sdcompress.hub.lineage import run_record_file
 from sdcompress.services.finetune import TrainingRunResult, fit_data, run_training, save_dtype
-from sdcompress.training.config import ConsistencyConfig
+from sdcompress.training.config import ConsistencyConfig, TeacherEvalConfig
 from sdcompress.training.data import DataConfig
 from sdcompress.training.distill_task import DistillTask, DistillWeights
 from sdcompress.training.engine import ProgressCallback, TrainConfig
@@ -44,6 +44,7 @@ class DistillRequest:
     save_dtype: str | None = None
     allow_pickle: bool = False
     consistency: ConsistencyConfig = ConsistencyConfig()
+    teacher_eval: TeacherEvalConfig = TeacherEvalConfig()  # --eval-every: agreement during training
     stages: tuple[dict, ...] = ()  # a staged run's record so far, this stage last (services.stages)
 
 
@@ -144,6 +145,12 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     output = check_output(request.output, overwrite=request.train.overwrite_policy, inputs=inputs, kind="dir")
     request.train.validate()
     request.consistency.validate()
+    request.teacher_eval.validate()
+    if request.teacher_eval.every and request.consistency.is_lcm:
+        raise SdcError(
+            "--eval-every compares a student that imitates its teacher step for step; drop it with "
+            "--objective lcm or dmd2 (score the result with `sdcompress eval` instead)."
+        )
     teacher, student = _load(request)
     data = fit_data(request.data, teacher, student.configs["unet"])
     pipe = build_pipeline(teacher, dtype=torch.float32)
@@ -189,6 +196,10 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
         saver=save,
         teacher_prediction=teacher.prediction_type,
     )
+    if request.teacher_eval.every:
+        from sdcompress.evaluation.probe import TeacherAgreementProbe
+
+        task.probe = TeacherAgreementProbe(parts, teacher_unet, request.teacher_eval, data.resolution)
     allowed = task.allowed_timesteps
     train = default_validation_steps(
         replace(request.train, output_dir=output), None if allowed is None else len(allowed)

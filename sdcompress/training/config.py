@@ -557,6 +557,38 @@ class DistillWeights:
     )
 
 
+EVAL_PROMPTS = (
+    "a red cube on a wooden table",
+    "a cat sleeping on a sofa",
+    "a lighthouse on a cliff at sunset",
+    "a bowl of fruit, studio photo",
+)
+
+
+@dataclass(frozen=True)
+class TeacherEvalConfig:
+    """`distill --eval-every N`: the student scored against its teacher on fixed prompts (`evaluation.probe`)."""
+
+    every: int = field(
+        default=0,
+        metadata=option(
+            "--eval-every",
+            "Every N steps, render fixed prompts with student and teacher; log latent MSE, PSNR, SSIM.",
+            RUN,
+        ),
+    )
+    steps: int = field(
+        default=10, metadata=option("--eval-steps", "Inference steps per --eval-every image.", RUN)
+    )
+    prompts: tuple[str, ...] = EVAL_PROMPTS
+    guidance: float = 7.5
+    resolution: int | None = None  # default: the training resolution
+
+    def validate(self) -> None:
+        if self.every < 0 or self.steps < 1:
+            raise SdcError("--eval-every must be 0 (off) or more and --eval-steps at least 1.")
+
+
 @dataclass(frozen=True)
 class ConsistencyConfig:
     """Latent consistency distillation (`distill --objective lcm`), with the LCM / LCM-LoRA recipe's defaults.

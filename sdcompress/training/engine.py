@@ -395,6 +395,18 @@ class _Loop:
                 self.emit("validation", epoch=epoch, path=path)
         acc.wait_for_everyone()
 
+    def run_probe(self, probe: Callable[[torch.device], dict[str, float]], epoch: int) -> None:
+        """The task's own metrics (e.g. teacher agreement), computed on the main process and logged."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            metrics = probe(acc.device)
+            if self.config.report_to != "none":
+                acc.log(metrics, step=self.step)
+            message = " ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in metrics.items())
+            self.emit("eval", epoch=epoch, losses=metrics, message=message)
+        acc.wait_for_everyone()
+
     def save_output(self, epoch: int) -> Path | None:
         acc, out = self.accelerator, self.config.output_dir
         acc.wait_for_everyone()
@@ -458,6 +470,9 @@ class _Loop:
                     saved = True
                 if config.validation.every and self.step % config.validation.every == 0:
                     self.validate(epoch)
+                probe = getattr(self.task, "probe", None)  # a task may score itself: distill --eval-every
+                if probe is not None and probe.every and self.step % probe.every == 0:
+                    self.run_probe(probe, epoch)
                 if stop_now and self.step < self.max_steps:
                     if not saved:
                         self.save_checkpoint(epoch)
