@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdcompress.checkpoint.embedding_files import Embedding, read_embedding, write_a1111
+from sdcompress.checkpoint.embedding_files import DIFFUSERS_FILES, Embedding, read_embedding, write_a1111
 from sdcompress.checkpoint.instantiate import build_pipeline
 from sdcompress.checkpoint.resolve import load_model
 from sdcompress.checkpoint.safetensors_io import read_state_dict
@@ -87,7 +87,8 @@ def token_inputs(pipe, encoder, prompt: str) -> tuple[torch.Tensor, list[int]]:
 # ---------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+# tiny-sdxl (both encoders) in the fast lane, tiny-sd in the slow one: each is a short training run
+@pytest.mark.parametrize("model", [pytest.param("tiny-sd", marks=pytest.mark.slow), "tiny-sdxl"])
 def test_only_the_new_rows_train_and_the_loss_lowers(tmp_path, data, model):
     """Every old row of every token-embedding matrix (and every other weight) is bit-identical afterwards."""
     base = load_model(model)
@@ -170,21 +171,24 @@ def test_sdxl_trains_both_encoders_and_loads_per_encoder_in_diffusers(sdxl_run):
         and state["clip_g"].shape == (2, 64)
     )
     assert torch.equal(tensors_of(out / "learned_embeds_2.safetensors")[TOKEN], state["clip_g"])
-    pipe = build_pipeline(load_model("tiny-sdxl"), dtype=torch.float32)
-    DiffusionParts.from_pipeline(pipe)
-    plain = pipe.encode_prompt(f"a photo of {TOKEN}", device="cpu", do_classifier_free_guidance=False)[0]
-    pipe.load_textual_inversion(
-        state["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-    )
-    pipe.load_textual_inversion(
-        state["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-    )
-    for encoder, key in ((pipe.text_encoder, "clip_l"), (pipe.text_encoder_2, "clip_g")):
-        inputs, ids = token_inputs(pipe, encoder, f"a photo of {TOKEN}")
-        at = ids.index(pipe.tokenizer.convert_tokens_to_ids(TOKEN))
-        assert torch.equal(inputs[at : at + 2], state[key]), key
-    embeds = pipe.encode_prompt(f"a photo of {TOKEN}", device="cpu", do_classifier_free_guidance=False)[0]
-    assert embeds.shape == plain.shape and not torch.allclose(embeds, plain)
+    for layout in (
+        "a1111",
+        "diffusers",
+    ):  # the A1111 tensors per encoder, and the diffusers folder's two files
+        pipe = build_pipeline(load_model("tiny-sdxl"), dtype=torch.float32)
+        DiffusionParts.from_pipeline(pipe)
+        plain = pipe.encode_prompt(f"a photo of {TOKEN}", device="cpu", do_classifier_free_guidance=False)[0]
+        pairs = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+        for (encoder, tokenizer), key, name in zip(pairs, ("clip_l", "clip_g"), DIFFUSERS_FILES, strict=True):
+            source = state[key] if layout == "a1111" else str(out)
+            extra = {"token": TOKEN} if layout == "a1111" else {"weight_name": name}
+            pipe.load_textual_inversion(source, text_encoder=encoder, tokenizer=tokenizer, **extra)
+        for encoder, key in ((pipe.text_encoder, "clip_l"), (pipe.text_encoder_2, "clip_g")):
+            inputs, ids = token_inputs(pipe, encoder, f"a photo of {TOKEN}")
+            at = ids.index(pipe.tokenizer.convert_tokens_to_ids(TOKEN))
+            assert torch.equal(inputs[at : at + 2], state[key]), (layout, key)
+        embeds = pipe.encode_prompt(f"a photo of {TOKEN}", device="cpu", do_classifier_free_guidance=False)[0]
+        assert embeds.shape == plain.shape and not torch.allclose(embeds, plain)
 
 
 # ---------------------------------------------------------------------------- convert and merge
@@ -209,6 +213,7 @@ def test_convert_round_trips_both_layouts(cli, tmp_path, sd_run, sdxl_run):
         assert read_embedding(back).token == TOKEN
 
 
+@pytest.mark.slow  # writes and reloads two tiny pipelines
 def test_merge_bakes_the_token_into_a_diffusers_folder(cli, tmp_path, sd_run, sdxl_run):
     from diffusers import DiffusionPipeline
 
