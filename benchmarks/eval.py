@@ -159,9 +159,10 @@ def main() -> None:
             for name, row in tiny_run(seed, work, args).items():
                 if name == "teacher":
                     continue
+                speed = "cached" if row["s_per_image"] is None else f"{row['s_per_image']:.3f}"
                 print(
                     f"{seed:>4}  {name:<10} {row['latent_mse']:>11.4g} {row['psnr']:>8.2f} "
-                    f"{row['ssim']:>7.4f} {row['s_per_image'] or 0:>7.3f}"
+                    f"{row['ssim']:>7.4f} {speed:>7}"
                 )
 
 

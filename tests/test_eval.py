@@ -138,6 +138,7 @@ def test_clip_scores_from_a_local_random_model(clip_dir):
     assert scorer.score(images, PROMPTS, batch_size=2) == pytest.approx(float(scores.mean()), abs=1e-6)
 
 
+@pytest.mark.slow  # importing transformers' CLIP costs seconds
 def test_missing_metric_weights_are_one_sentence():
     from sdcompress.evaluation.clip_score import ClipScorer
 
@@ -293,3 +294,35 @@ def test_distill_eval_every_reports_teacher_agreement(pruned, tmp_path):
         assert set(e.losses) == {"eval/latent_mse", "eval/psnr", "eval/ssim"}
         assert e.losses["eval/latent_mse"] > 0 and 0 < e.losses["eval/ssim"] < 1
     assert evals[0].losses != evals[1].losses  # the student changed between the two
+
+
+def test_push_card_carries_the_eval_table_found_beside_the_model(tmp_path):
+    from sdcompress.hub.card import CardFacts, card_body
+    from sdcompress.hub.lineage import Lineage, eval_beside
+    from sdcompress.services.eval import EvalResult, ModelEval
+
+    model = tmp_path / "student"
+    model.mkdir()
+    notes: list[str] = []
+    assert eval_beside(model, notes) is None and not notes
+
+    def row(ref, teacher, psnr):
+        return ModelEval(
+            ref, "tiny-sd", None, teacher, "k", "i", 64, 0, 3, {"latent_mse": 0.5, "psnr": psnr, "ssim": 0.25}
+        )
+
+    result = EvalResult(
+        "out",
+        3,
+        {"steps": 25, "prompts": "coco:3"},
+        [row("tiny-sd", True, float("inf")), row("student", False, 12.5)],
+    )
+    (tmp_path / "student.eval").mkdir()
+    (tmp_path / "student.eval" / "eval.json").write_text(json.dumps(result.to_dict()))
+    evaluation = eval_beside(model, notes)
+    body = card_body(CardFacts("me/student", "pipeline", None, None, {}, [], Lineage(evaluation=evaluation)))
+    assert "## Evaluation" in body and "coco:3" in body
+    assert "| `tiny-sd` (teacher) | 0.5 | inf | 0.2500 | - | - |" in body
+    assert "| `student` | 0.5 | 12.50 | 0.2500 | - | - |" in body
+    (tmp_path / "student.eval" / "eval.json").write_text("[1]")
+    assert eval_beside(model, notes) is None and notes

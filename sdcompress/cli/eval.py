@@ -65,6 +65,14 @@ def _render(result: EvalResult) -> None:
     )
 
 
+def default_output(models: list[str]) -> Path:
+    """MODEL.eval beside the first model when it is a path (where `push` finds it), else ./eval."""
+    first = Path(models[0]).expanduser() if models else None
+    if first is not None and first.exists():
+        return first.with_name(first.name + ".eval")
+    return Path("eval")
+
+
 def eval_models(
     models: Annotated[list[str], typer.Argument(help="Models to score (folders, files, hub ids, tiny-sd).")],
     prompts: Annotated[
@@ -84,7 +92,7 @@ def eval_models(
         typer.Option(
             "--output",
             "-o",
-            help="Eval folder: images (reused on reruns), eval.json, grid.png. Default: eval.",
+            help="Eval folder: images (reused on reruns), eval.json, grid.png. Default: MODEL.eval (push reads it).",
         ),
     ] = None,
     coco_captions: Annotated[
@@ -142,7 +150,7 @@ def eval_models(
     request = EvalRequest(
         models=list(models),
         prompts=prompts,
-        output=output or Path("eval"),
+        output=output or default_output(models),
         teacher=teacher,
         coco_captions=coco_captions,
         steps=steps,

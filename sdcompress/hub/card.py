@@ -298,6 +298,43 @@ def _usage(facts: CardFacts) -> list[str]:
     return ["## Usage", "", "```python", *code, "```", ""]
 
 
+def _cell(value: Any, spec: str) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, int | float) else str(value)
+
+
+def _eval_section(evaluation: dict[str, Any]) -> list[str]:
+    """`sdcompress eval`'s table: agreement with the teacher, CLIP score and FID per model."""
+    settings = evaluation.get("settings") if isinstance(evaluation.get("settings"), dict) else {}
+    how = ", ".join(
+        f"{k} {settings[k]}" for k in ("steps", "guidance", "scheduler", "seed", "dtype") if k in settings
+    )
+    lines = [
+        "## Evaluation",
+        "",
+        f"`sdcompress eval` on {evaluation.get('prompts', '?')} prompts ({settings.get('prompts', '?')}; {how}). "
+        "Agreement compares each model's images with the teacher's for the same prompt and seed.",
+        "",
+        "| model | latent MSE | PSNR (dB) | SSIM | CLIP score | FID |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in evaluation.get("models", []):
+        if not isinstance(m, dict):
+            continue
+        a = m.get("agreement") if isinstance(m.get("agreement"), dict) else {}
+        name = f"`{m.get('ref', '?')}`" + (" (teacher)" if m.get("teacher") else "")
+        cells = [
+            _cell(a.get("latent_mse"), ".4g"),
+            _cell(a.get("psnr"), ".2f"),
+            _cell(a.get("ssim"), ".4f"),
+            _cell(m.get("clip_score"), ".4f"),
+            _cell(m.get("fid"), ".2f"),
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _summary(facts: CardFacts) -> str:
     what = {
         "pipeline": "A diffusers pipeline",
@@ -330,6 +367,8 @@ def card_body(facts: CardFacts) -> str:
             lines += _prune_section(lineage.prune)
         if lineage.run:
             lines += _run_section(lineage.run, lineage.loss_curve(), lineage.run_kind)
+    if lineage.evaluation:
+        lines += _eval_section(lineage.evaluation)
     lines += _usage(facts)
     lines += ["## Files", "", "| file | bytes |", "|---|---:|"]
     lines += [f"| `{p}` | {size:,} |" for p, size in facts.files]

@@ -79,6 +79,7 @@ class Lineage:
     run: dict[str, Any] | None = None
     sample_grid: str | None = None  # posix path relative to the uploaded folder
     notes: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # `sdcompress eval`'s eval.json found beside the model
 
     @property
     def teacher(self) -> str | None:
@@ -154,6 +155,21 @@ def find_sample_grid(folder: Path) -> str | None:
         images = sorted((folder / sub).glob("*.png")) if (folder / sub).is_dir() else []
         if images:
             return images[-1].relative_to(folder).as_posix()
+    return None
+
+
+EVAL_SUFFIX = ".eval"  # `sdcompress eval MODEL` writes MODEL.eval/ by default
+EVAL_RESULT = "eval.json"
+
+
+def eval_beside(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    """The eval result that sits beside a model: MODEL.eval/eval.json, else MODEL/eval.json."""
+    for candidate in (path.with_name(path.name + EVAL_SUFFIX) / EVAL_RESULT, path / EVAL_RESULT):
+        if candidate.is_file():
+            data = _read_json(candidate, notes)
+            if data is not None and isinstance(data.get("models"), list):
+                return data
+            notes.append(f"{candidate} is not an `sdcompress eval` result; the card leaves it out.")
     return None
 
 

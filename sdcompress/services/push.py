@@ -19,7 +19,7 @@ from typing import Any
 from sdcompress.arch.families import FAMILIES, Family
 from sdcompress.errors import SdcError
 from sdcompress.hub.card import CardFacts, build_card
-from sdcompress.hub.lineage import Lineage, file_lineage, folder_lineage
+from sdcompress.hub.lineage import Lineage, eval_beside, file_lineage, folder_lineage
 from sdcompress.hub.upload import (
     CARD_NAME,
     UploadFile,
@@ -183,6 +183,7 @@ def push(req: PushRequest, on_progress: Callable[[str], None] | None = None) -> 
 
     report("reading the model")
     described, lineage, files = _inspect(path, req.exclude)
+    lineage.evaluation = eval_beside(path, lineage.notes)
     if not files:
         raise SdcError(f"{path} has no files to upload; check the path.")
     notes = described.notes + lineage.notes
