@@ -1,4 +1,4 @@
-"""`sdcompress lora train --model REF --data IMAGES -o OUT`: LoRA / LoHa / LoKr with peft, DreamBooth too.
+"""`sdcompress lora train --model REF --data IMAGES -o OUT`: LoRA / DoRA / LoHa / LoKr with peft, DreamBooth too.
 
 The options are generated from the training dataclasses (`cli/_training_options.py`);
 this module adds the few that only LoRA training has and maps them to the service request.
@@ -85,7 +85,7 @@ train = app.command("train")(
                 "output": "Folder for the LoRA file(s). Required.",
                 "dtype": "fp16 (default), bf16 or fp32.",
             },
-            doc="""Train a LoRA (or LoHa / LoKr) on a pipeline's U-Net, optionally its text encoders; DreamBooth with
+            doc="""Train a LoRA (or DoRA / LoHa / LoKr) on a pipeline's U-Net, optionally its text encoders; DreamBooth with
     --instance-prompt and --class-data and/or --class-prompt (missing class images are generated first).
 
     Writes OUTPUT/<name>.safetensors (kohya layout with ss_* metadata) and/or
