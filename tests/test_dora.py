@@ -113,6 +113,7 @@ def test_lycoris_reads_the_kohya_file_and_merges_the_same_weights(dora):
         torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=1e-4, msg=path)
 
 
+@pytest.mark.slow  # ~5 s or more on 2 busy cores
 def test_peft_file_loads_in_diffusers_with_every_key_consumed(dora):
     """diffusers' load_lora_weights takes every tensor of the PEFT file (DoRA magnitude included)."""
     from safetensors.torch import load_file
@@ -137,6 +138,7 @@ def test_peft_file_loads_in_diffusers_with_every_key_consumed(dora):
         torch.testing.assert_close(fused[key], lt.load().float(), atol=1e-5, rtol=1e-4, msg=key)
 
 
+@pytest.mark.slow  # ~5 s or more on 2 busy cores
 def test_convert_keeps_the_magnitude_both_ways(dora, tmp_path):
     model, _, _, (kohya, peft_file) = dora
     out = tmp_path / "peft.safetensors"
@@ -168,10 +170,10 @@ def test_lora_train_type_dora_end_to_end(cli, tmp_path):
     """`lora train --type dora` trains peft's DoRA and writes both layouts with the magnitude."""
     from sdcompress.training.demo_data import write_demo_dataset
 
-    data = write_demo_dataset(tmp_path / "shapes", 2, size=32)
+    data = write_demo_dataset(tmp_path / "shapes", 1, size=32)
     out = tmp_path / "dora"
     args = ["lora", "train", "--model", "tiny-sd", "--data", str(data), "-o", str(out), "--type", "dora"]
-    args += ["--rank", "2", "--resolution", "32", "--max-steps", "2", "--cpu", "--format", "kohya,peft"]
+    args += ["--rank", "2", "--resolution", "32", "--max-steps", "1", "--cpu", "--format", "kohya,peft"]
     result = cli(*args)
     assert result.code == 0, result
     kohya, peft_file = (
