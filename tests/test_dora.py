@@ -85,6 +85,16 @@ def test_kohya_file_holds_lycoris_dora_scale_and_names_the_algorithm(dora):
     args = json.loads(meta["ss_network_args"])
     assert args["algo"] == "lora" and args["dora_wd"] == "True" and args["wd_on_output"] == "True"
     assert "conv_dim" in args
+    # ComfyUI's rules (comfy/lora.py): `model_lora_keys_unet` maps lora_unet_<diffusers path, "." -> "_">
+    # for every U-Net weight, and `load_lora` consumes <name>.alpha, .dora_scale, .lora_up/.lora_down.weight.
+    from safetensors.torch import load_file
+
+    comfy_names = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_") for k in pipe.unet.state_dict()}
+    comfy_names = {n.replace("_base_layer", "") for n in comfy_names}
+    consumed = {"alpha", "dora_scale", "lora_up.weight", "lora_down.weight"}
+    for key in load_file(kohya):
+        module, _, suffix = key.partition(".")
+        assert module in comfy_names and suffix in consumed, key
     naming = naming_for(model)
     for m in task.export():
         scale = lora.adapters[naming.kohya(m.target)].tensors["dora_scale"].load()
