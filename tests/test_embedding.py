@@ -280,7 +280,9 @@ def test_cli_config_file_and_validation_image(cli, tmp_path, data):
     config.write_text(
         f'model = "tiny-sd"\ndata = "{data}"\nresolution = {RES}\ncpu = true\n'
         '[embedding]\ntoken = "<cfg-thing>"\ninit-words = "a red shape"\nmax-steps = 3\ncheckpoint-every = 0\n'
-        'validation-prompt = ["a photo of <cfg-thing>"]\nvalidation-steps = 1\n',
+        'validation-prompt = ["a photo of <cfg-thing>"]\nvalidation-steps = 1\n'
+        # bf16 on the CPU: the frozen U-Net in bf16, the encoders in fp32, and the validation grid renders
+        'mixed-precision = "bf16"\n',
         encoding="utf-8",
     )
     r = cli("embedding", "train", "--config", config, "-o", tmp_path / "out", "--max-steps", "1", "--json")

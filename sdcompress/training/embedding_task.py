@@ -214,6 +214,9 @@ class EmbeddingTask(DiffusionTask):
         self.move_frozen(device, weight_dtype)
         self.parts.unet.to(device, weight_dtype)
         for encoder in self.parts.text_encoders:
+            # fp32 like diffusers' textual-inversion script: the gradient reaching the new vectors goes back
+            # through the whole encoder (and CPU autocast refuses its layer norms with half weights).
+            encoder.to(device, torch.float32)
             encoder.train()  # dropout-free CLIP; train mode only matters for gradient checkpointing
 
     def caption(self, caption: str, generator: torch.Generator) -> str:

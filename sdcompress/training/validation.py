@@ -26,11 +26,13 @@ def render_grid(pipe, config: ValidationConfig, device: torch.device, resolution
     """One row per prompt, one column per seed; the same seeds every time so grids compare across steps."""
     pipe.to(device)
     images = []
-    autocast = (
-        torch.autocast(device.type, dtype=torch.float16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = contextlib.nullcontext()
+    if device.type == "cuda":
+        autocast = torch.autocast(device.type, dtype=torch.float16)
+    elif pipe.unet.dtype == torch.bfloat16:
+        # CPU training in bf16 leaves the frozen U-Net in bf16 beside fp32 parts (the text encoders of
+        # embedding training, LoRA adapters); autocast makes the pipeline's mixed dtypes meet.
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     size = config.resolution or resolution
     with torch.no_grad(), autocast:
         for prompt in config.prompts:
