@@ -30,7 +30,7 @@ import torch
 
 from sdcompress.arch.families import FAMILIES, Config, Family, find_family, get_family
 from sdcompress.arch.presets import PRESETS, get_preset, preset_for_family
-from sdcompress.checkpoint.model import disk_size
+from sdcompress.checkpoint.model import Model, disk_size
 from sdcompress.choices import DType, parse_choices, resolve_dtype
 from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
@@ -123,6 +123,7 @@ class _Subject:
     size_on_disk: int | None
     unet_factory: Callable[[torch.device, torch.dtype], torch.nn.Module]
     scheduler: str | None = None  # the scheduler class a model ships with (None: an architecture)
+    quantized: str | None = None  # a quantized file's format (its fp8 weights are cast up per layer)
 
 
 # Steps an image takes when nothing else is known: diffusers' pipeline default, and for a model shipped
@@ -215,10 +216,11 @@ def _arch_subject(name: str, family_name: str | None, seed: int) -> _Subject:
 
 
 def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
-    from sdcompress.checkpoint.instantiate import build_module
     from sdcompress.checkpoint.resolve import load_model
+    from sdcompress.quantize.describe import of_model
 
     model = load_model(ref, allow_pickle=allow_pickle)
+    quant = of_model(model)
     return _Subject(
         ref=ref,
         family=model.family,
@@ -227,9 +229,24 @@ def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
         vae_config=model.configs.get("vae") or model.family.vae,
         text_embed_dim=_text_embed_dim(model.configs, model.family),
         size_on_disk=disk_size(model.path),
-        unet_factory=lambda device, dtype: build_module(model, "unet", dtype=dtype, device=str(device)),
+        unet_factory=lambda device, dtype: _unet(model, device, dtype),
         scheduler=model.configs.get("scheduler", {}).get("_class_name"),
+        quantized=quant.format if quant is not None else None,
     )
+
+
+def _unet(model: Model, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The U-Net in `dtype`; a quantized file's fp8 weights stay fp8 and are cast up per layer."""
+    from sdcompress.checkpoint.instantiate import build_module
+    from sdcompress.quantize.describe import of_model
+
+    if of_model(model) is None:
+        return build_module(model, "unet", dtype=dtype, device=str(device))
+    from sdcompress.quantize.cast_up import cast_up_per_layer
+
+    unet = build_module(model, "unet", dtype=None, device=str(device))
+    cast_up_per_layer(unet, dtype)
+    return unet
 
 
 def _family_for(name: str, req: BenchRequest) -> str | None:
@@ -525,6 +542,12 @@ def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -
         )
     if req.random_weights:
         notes.append("random weights: speed and memory of the architecture; no checkpoint was read.")
+    for s in subjects:
+        if s.quantized is not None:
+            notes.append(
+                f"{s.ref} is {s.quantized}: its fp8 weights stay fp8 in memory and are cast up to "
+                f"{str(dtype).removeprefix('torch.')} per layer for each forward (no fp8 matmul)."
+            )
     return BenchResult(
         device=str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
         dtype=str(dtype).removeprefix("torch."),
