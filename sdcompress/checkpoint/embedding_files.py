@@ -24,6 +24,7 @@ the new tokens; only a diffusers folder can carry that tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ ENCODERS = ("text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 TOKEN_EMBEDDING_KEY = "text_model.embeddings.token_embedding.weight"
 MAX_VECTORS = 75  # CLIP's 77 positions minus the start and end tokens
+MIN_WIDTH = 16  # narrower lone tensors are not taken for embeddings (the tiny models' encoders are 32 wide)
 
 
 @dataclass
@@ -170,6 +172,19 @@ def _read_folder(folder: Path) -> Embedding:
     return Embedding(token, out, str(folder))
 
 
+def _token_like(key: str, t: LazyTensor) -> bool:
+    """A lone tensor is a diffusers embedding when its name is not a module's (`x.weight`) and it is a few
+    vectors of a text encoder's width (the smallest, tiny test models', is 32); anything else is left to
+    the model readers."""
+    shape = tuple(t.shape)
+    return (
+        not re.search(r"\.(weight|bias|alpha)$", key)
+        and 1 <= len(shape) <= 2
+        and shape[-1] >= MIN_WIDTH
+        and (len(shape) == 1 or shape[0] <= MAX_VECTORS)
+    )
+
+
 def read_embedding(path: str | Path) -> Embedding:
     """An embedding from an A1111/ComfyUI file, a diffusers file, or a folder holding the diffusers files."""
     p = Path(path)
@@ -194,7 +209,7 @@ def read_embedding(path: str | Path) -> Embedding:
         return Embedding(token, rows, str(p), metadata)
     if set(tensors) == {A1111_KEY}:
         return Embedding(token, [_as_rows(tensors[A1111_KEY], str(p))], str(p), metadata)
-    if len(tensors) == 1:
+    if len(tensors) == 1 and _token_like(*next(iter(tensors.items()))):
         key, t = next(iter(tensors.items()))
         return Embedding(key, [_as_rows(t, str(p))], str(p), metadata)
     raise SdcError(
