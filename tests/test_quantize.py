@@ -140,6 +140,7 @@ def test_allocation_keeps_the_most_sensitive_until_the_budget():
         allocate(scores, saving, 1000, budget=900, max_error=None)
 
 
+@pytest.mark.slow
 def test_budget_keeps_measured_layers_and_lowers_error(src, tmp_path):
     plain = quantize(QuantizeRequest(str(src), str(tmp_path / "p.safetensors"), "fp8", report=False))
     budget = plain.bytes_written + 1_000_000
@@ -211,3 +212,34 @@ def test_bad_input_is_one_sentence_and_writes_nothing(src, tmp_path, cli):
     assert r.code == 2 and "already quantized" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "one.safetensors", "xl.safetensors"]
     assert SafetensorsFile(src).keys()  # the input is untouched and readable
+
+
+@pytest.mark.slow
+def test_bench_cast_up_per_layer_equals_the_dequantized_model(src, written):
+    from sdcompress.checkpoint.instantiate import build_module
+    from sdcompress.prune.importance import predict
+    from sdcompress.quantize.cast_up import cast_up_per_layer
+    from sdcompress.quantize.report import fixed_inputs, unet_module
+
+    model = load_model(src.parent / "fp8.safetensors")
+    lean = build_module(model, "unet", dtype=None)
+    assert cast_up_per_layer(lean, torch.float32) > 10
+    assert any(p.dtype == torch.float8_e4m3fn for p in lean.parameters())
+    inputs = fixed_inputs(model, samples=1, latent=8)
+    torch.testing.assert_close(predict(lean, inputs, 1)[0], predict(unet_module(model), inputs, 1)[0])
+    assert any(p.dtype == torch.float8_e4m3fn for p in lean.parameters())  # restored after the forward
+
+
+@pytest.mark.slow
+def test_diffusers_from_single_file_loads_plain_fp8(src, written, tmp_path, cli):
+    import diffusers
+
+    folder = tmp_path / "folder"
+    assert cli("convert", src, "-o", folder).code == 0  # the config folder, offline
+    path = src.parent / "fp8.safetensors"
+    unet = diffusers.UNet2DConditionModel.from_single_file(
+        str(path), config=str(folder), subfolder="unet", local_files_only=True
+    )
+    ours = load_model(path).components["unet"]
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v.float(), ours[k].load().float()), k
