@@ -373,3 +373,15 @@ def test_a_lone_module_tensor_is_not_taken_for_an_embedding(tmp_path):
     save_file({"foo.weight": torch.zeros(3)}, str(tmp_path / "foo.safetensors"))
     save_file({"<tok>": torch.zeros(2, 32)}, str(tmp_path / "tok.safetensors"))
     assert not is_embedding(tmp_path / "foo.safetensors") and is_embedding(tmp_path / "tok.safetensors")
+
+
+def test_output_inside_the_data_or_a_foreign_folder_is_refused(cli, tmp_path, data):
+    base = ["embedding", "train", "--model", "tiny-sd", "--data", data, "--token", TOKEN, "--init-words", "a"]
+    r = cli(*base, "-o", data / "out")
+    assert r.code == 2 and "lies inside the input" in r.stderr and not (data / "out").exists(), r
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine\n")
+    r = cli(*base, "-o", tmp_path / "out", "--overwrite")
+    assert (
+        r.code == 2 and "notes.txt" in r.stderr and (tmp_path / "out" / "notes.txt").read_text() == "mine\n"
+    ), r
