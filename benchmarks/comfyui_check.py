@@ -136,7 +136,7 @@ def comfy_out(sd_mod, path: Path, x, t, ctx, y):  # noqa: ANN001, ANN201
     return type(base.model_config).__name__, str(w.dtype), out
 
 
-def check(sd_mod, family: str, work: Path) -> None:
+def check(sd_mod, family: str, work: Path, formats: list[str]) -> None:
     from sdcompress.checkpoint.resolve import load_model
     from sdcompress.services.quantize import QuantizeRequest, quantize
     from sdcompress.testing import cached_random_model
@@ -144,7 +144,7 @@ def check(sd_mod, family: str, work: Path) -> None:
     src = cached_random_model(family)
     model = load_model(src)
     x, t, ctx, added = inputs(model)
-    for fmt in ("fp8", "fp8-scaled"):
+    for fmt in formats:
         out = work / f"{family}-{fmt}.safetensors"
         quantize(QuantizeRequest(str(src), str(out), fmt, report=False, overwrite=True))
         mine, y = ours(out, x, t, ctx, added)
@@ -164,13 +164,14 @@ def main() -> None:
     ap.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout")
     ap.add_argument("--family", action="append", choices=["sd1", "sdxl"])
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--formats", default="fp8,fp8-scaled")
     args = ap.parse_args()
     sd_mod = import_comfy(args.comfyui)
     version = (args.comfyui / "comfyui_version.py").read_text().split('"')[1]
     print(f"ComfyUI {version} ({args.comfyui}), torch {torch.__version__}, CPU")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for family in args.family or ["sd1"]:
-            check(sd_mod, family, Path(tmp))
+            check(sd_mod, family, Path(tmp), args.formats.split(","))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def test_demo_runs_the_whole_workflow(cli, tmp_path):
         assert (out / name / "model_index.json").is_file()
     assert (out / "distilled.safetensors").stat().st_size > 0
     assert (out / "distill-delta.safetensors").stat().st_size > 0
+    fp8 = out / "distilled-fp8.safetensors"  # the demo ends with an fp8 student
+    assert 0 < fp8.stat().st_size < (out / "distilled.safetensors").stat().st_size
+    assert json.loads(cli("info", fp8, "--json").stdout)["quantization"]["format"] == "fp8"
     assert int(result["paths"]["lora_modules"]) > 0
     print(f"demo took {elapsed:.0f} s")
     # an existing output is refused unless --overwrite

@@ -82,7 +82,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": (
         "sdcompress.cli.demo",
         "demo",
-        "Run prune -> distill -> extract-lora -> convert -> LCM -> bench on the built-in tiny SDXL-shaped model, offline.",
+        "Run prune -> distill -> extract-lora -> convert -> LCM -> bench -> fp8 on the built-in tiny SDXL-shaped model, offline.",
     ),
     "lora": ("sdcompress.cli.lora", "app", "Train LoRA adapters."),
     "hypernetwork": ("sdcompress.cli.hypernetwork", "app", "Train A1111 hypernetworks."),

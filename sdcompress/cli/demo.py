@@ -22,7 +22,7 @@ def demo(
     overwrite_foreign: OverwriteForeign = False,
     json_: Json = False,
 ) -> None:
-    """Run prune -> distill -> extract-lora -> convert -> LCM -> bench on the built-in tiny SDXL-shaped model, offline."""
+    """Run prune -> distill -> extract-lora -> convert -> LCM -> bench -> fp8 on the built-in tiny SDXL-shaped model, offline."""
     from dataclasses import asdict
 
     from sdcompress.checkpoint.atomic import overwrite_mode
@@ -65,7 +65,7 @@ def demo(
     )
     if result.speedup:
         out.print(f"student speedup over teacher: [bold]{result.speedup:.2f}x[/bold] (batch 1, CPU)")
-    for name in ("data", "student", "distilled", "lora", "single_file", "lcm"):
+    for name in ("data", "student", "distilled", "lora", "single_file", "lcm", "fp8"):
         if name in result.paths:
             out.print(f"  {name:12} {result.paths[name]}")
     success(f"demo finished in {result.seconds:.0f} s")

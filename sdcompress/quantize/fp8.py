@@ -100,19 +100,14 @@ def quantized_state_dict(
 
 def fold_scales(sd: StateDict, compute: torch.dtype | None = None) -> StateDict:
     """Read a scaled-fp8 state dict back: marker and input scales dropped, each scaled weight lazily
-    multiplied out (to `compute`, default the dtype most unquantized float tensors have).
+    multiplied out in float32 (exactly what a loader computing in fp32 uses; fp16 would round it).
 
     Unscaled fp8 tensors stay fp8 (commands cast them where they need another dtype).
     """
     markers = [k for k in sd if k == MARKER or k.endswith("." + MARKER)]
     if not markers:
         return sd
-    if compute is None:
-        counts: dict[torch.dtype, int] = {}
-        for t in sd.values():
-            if t.dtype.is_floating_point and t.dtype not in FP8 and t.shape:
-                counts[t.dtype] = counts.get(t.dtype, 0) + 1
-        compute = max(counts, key=counts.__getitem__) if counts else torch.float16
+    compute = compute or torch.float32
     out: StateDict = {}
     for k, lt in sd.items():
         if k in markers or k.endswith((SCALE, INPUT_SCALE)):

@@ -3,9 +3,9 @@
 It is the same service calls the commands make, in order: generate captioned
 data, prune to the SSD-1B layout (importance-selected), distill briefly,
 extract the distillation's change as a LoRA, convert the result to a single
-file, a short LCM stage that makes the student a few-step model, and benchmark
+file, a short LCM stage that makes the student a few-step model, benchmark
 teacher against both students (seconds per image = steps needed / steps per
-second). Nothing here is special-cased: each step would work the same on a
+second), and end with the distilled student as an fp8 single file. Nothing here is special-cased: each step would work the same on a
 full-size SDXL.
 """
 
@@ -73,6 +73,7 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
     from sdcompress.services.distill import DistillRequest, distill
     from sdcompress.services.extract import ExtractRequest, run_extract
     from sdcompress.services.prune import PruneRequest, prune
+    from sdcompress.services.quantize import QuantizeRequest, quantize
     from sdcompress.training.config import ConsistencyConfig
     from sdcompress.training.data import DataConfig
     from sdcompress.training.demo_data import write_demo_dataset
@@ -84,8 +85,9 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
         "lora": root / "distill-delta.safetensors",
         "single_file": root / "distilled.safetensors",
         "lcm": root / "lcm",
+        "fp8": root / "distilled-fp8.safetensors",
     }
-    total = 7 if req.lcm_steps else 6
+    total = 8 if req.lcm_steps else 7
 
     say(f"1/{total} writing {req.images} captioned demo images")
     write_demo_dataset(paths["data"], req.images, size=req.resolution)
@@ -133,7 +135,9 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
     else:
         paths.pop("lcm")
 
-    say(f"{total}/{total} benchmarking teacher vs students (seconds per image = steps needed / steps per s)")
+    say(
+        f"{total - 1}/{total} benchmarking teacher vs students (seconds per image = steps needed / steps per s)"
+    )
     measured = bench(
         BenchRequest(
             models=models,
@@ -144,6 +148,8 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
             device="cpu",
         )
     )
+    say(f"{total}/{total} quantizing the distilled student to fp8 (a ComfyUI / Forge single file)")
+    fp8 = quantize(QuantizeRequest(str(paths["single_file"]), str(paths["fp8"]), "fp8", report=False))
     teacher_b, student_b = measured.models[:2]
     speedup = student_b.results[0].speedup if student_b.results else None
 
@@ -185,6 +191,10 @@ def _run_steps(req: DemoRequest, root: Path, say: Report, start: float) -> DemoR
         losses_before=distilled.first_losses,
         losses_after=distilled.last_losses,
         speedup=speedup,
-        paths={**paths_out, "single_file_bytes": str(single.bytes_written)},
+        paths={
+            **paths_out,
+            "single_file_bytes": str(single.bytes_written),
+            "fp8_bytes": str(fp8.bytes_written),
+        },
         seconds=time.perf_counter() - start,
     )
