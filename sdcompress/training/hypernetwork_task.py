@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sdcompress.errors import SdcError
 from sdcompress.training.finetune_task import UNetTrainingTask
 from sdcompress.training.hypernetwork import Hypernetwork, attach
 from sdcompress.training.hypernetwork_spec import HypernetworkSpec
@@ -49,7 +50,14 @@ class HypernetworkTask(UNetTrainingTask):
     def bind(
         self, prepared: dict[str, torch.nn.Module], device: torch.device, weight_dtype: torch.dtype
     ) -> None:
-        # The hooks call the MLPs themselves; on one process accelerate prepares the module in place.
+        # The hooks call the MLPs themselves, not accelerate's DDP wrapper, whose gradient sync needs its own
+        # forward: refused on several processes rather than training diverging copies.
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise SdcError(
+                "hypernetwork train runs on one process; start it without `accelerate launch` "
+                "(or with --num_processes 1)."
+            )
         self.move_frozen(device, weight_dtype)
         self.parts.unet.to(device, weight_dtype)
         self.network.to(device)
