@@ -37,7 +37,8 @@ class DistillOptions:
         default=None,
         metadata=C.option(
             "--student",
-            "Student U-Net (e.g. a `prune` output). Required, except with --objective lcm (default: the teacher).",
+            "Student U-Net (e.g. a `prune` output). Required, except with --objective lcm or dmd2 "
+            "(default: the teacher).",
         ),
     )
     features: C.FeatureMode = field(
@@ -100,6 +101,7 @@ def run(parsed: T.Parsed) -> None:
         save_dtype=out.dtype,
         allow_pickle=out.allow_pickle,
         consistency=parsed[C.ConsistencyConfig],
+        dmd=parsed[C.DmdConfig],
         teacher_eval=parsed[C.TeacherEvalConfig],
     )
     with T.TrainingProgress(err, disable=out.json) as progress:
@@ -124,6 +126,7 @@ distill = T.training_command(
         sections=(
             DistillOptions,
             C.ConsistencyConfig,
+            C.DmdConfig,
             C.DistillWeights,
             C.TeacherEvalConfig,
             C.DataConfig,
@@ -140,7 +143,9 @@ distill = T.training_command(
         doc="""Distill a pruned student U-Net from its teacher (task + output + feature losses, BK-SDM style).
 
     --objective lcm trains a few-step student instead (latent consistency distillation; --lora RANK
-    for an LCM-LoRA in kohya layout). A step-distilled teacher: --timesteps trailing:4.
+    for an LCM-LoRA in kohya layout). --objective dmd2 trains one by distribution matching (DMD2:
+    --student-steps, --teacher-guidance, --fake-lora, --fake-updates, --gan-weight). A step-distilled
+    teacher: --timesteps trailing:4 (with dmd2: its base model as --teacher, it as --student).
 
     Checkpoints go to OUTPUT.train/ (or --work-dir); rerun with --resume latest after a stop.
     Multi-GPU: `accelerate launch -m sdcompress distill ...` with the same options.

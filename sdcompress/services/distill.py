@@ -20,7 +20,7 @@ from sdcompress.errors import SdcError
 from sdcompress.hub.lineage import run_record as lineage_record
 from sdcompress.hub.lineage import run_record_file
 from sdcompress.services.finetune import TrainingRunResult, fit_data, run_training, save_dtype
-from sdcompress.training.config import ConsistencyConfig, TeacherEvalConfig
+from sdcompress.training.config import ConsistencyConfig, DmdConfig, TeacherEvalConfig
 from sdcompress.training.data import DataConfig
 from sdcompress.training.distill_task import DistillTask, DistillWeights
 from sdcompress.training.engine import ProgressCallback, TrainConfig
@@ -33,7 +33,7 @@ class DistillRequest:
     """A distillation run: who teaches whom, on what data, with which training settings."""
 
     teacher: str
-    student: str | None  # None: the teacher itself (only with --objective lcm)
+    student: str | None  # None: the teacher itself (only with --objective lcm or dmd2)
     output: Path
     data: DataConfig
     train: TrainConfig
@@ -44,6 +44,7 @@ class DistillRequest:
     save_dtype: str | None = None
     allow_pickle: bool = False
     consistency: ConsistencyConfig = ConsistencyConfig()
+    dmd: DmdConfig = DmdConfig()
     teacher_eval: TeacherEvalConfig = TeacherEvalConfig()  # --eval-every: agreement during training
     stages: tuple[dict, ...] = ()  # a staged run's record so far, this stage last (services.stages)
 
@@ -128,7 +129,7 @@ def _load(request: DistillRequest):
             f"the teacher {request.teacher} is a lone U-Net; give a whole pipeline (its VAE and text "
             "encoders are needed) as --teacher."
         )
-    if request.student is None and not request.consistency.is_lcm:
+    if request.student is None and not request.consistency.few_step:
         raise SdcError("--student is required; give the pruned student to distill (a `prune` output).")
     student = load_model(request.student or request.teacher, allow_pickle=request.allow_pickle)
     check_compatible(student.configs["unet"], teacher.configs["unet"], request.teacher)
@@ -145,8 +146,13 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     output = check_output(request.output, overwrite=request.train.overwrite_policy, inputs=inputs, kind="dir")
     request.train.validate()
     request.consistency.validate()
+    request.dmd.validate(request.consistency.objective)
+    if request.consistency.is_dmd2:
+        from sdcompress.services.dmd import check_request
+
+        check_request(request)
     request.teacher_eval.validate()
-    if request.teacher_eval.every and request.consistency.is_lcm:
+    if request.teacher_eval.every and (request.consistency.is_lcm or request.consistency.is_dmd2):
         raise SdcError(
             "--eval-every compares a student that imitates its teacher step for step; drop it with "
             "--objective lcm or dmd2 (score the result with `sdcompress eval` instead)."
@@ -171,6 +177,23 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
         )
         train = default_validation_steps(replace(request.train, output_dir=output), LCM_VALIDATION_STEPS)
         return DistillResult(**vars(run_training(task, train, data, progress)))
+    if request.consistency.is_dmd2:
+        from sdcompress.services.dmd import dmd2_task, dmd2_train_config
+
+        task = dmd2_task(
+            request,
+            teacher,
+            student,
+            parts,
+            teacher_unet,
+            save_dtype(request.save_dtype, teacher),
+            data.resolution,
+        )
+        train = dmd2_train_config(replace(request.train, output_dir=output), len(task.timesteps))
+        try:
+            return DistillResult(**vars(run_training(task, train, data, progress)))
+        finally:
+            task.close()
     pairs = pair_features(student_unet, pipe.unet, request.features, request.teacher)
     scheduler_config = student_scheduler_config(request, teacher)
     scheduler = parts.extra_components["scheduler"]  # validation samples as the student will be sampled

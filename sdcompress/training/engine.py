@@ -183,6 +183,17 @@ def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     return math.ceil(config.epochs * batches_per_epoch / config.grad_accum)
 
 
+@dataclass
+class _Auxiliary:
+    """An auxiliary model as the loop holds it: its spec, prepared modules, optimizer and step count."""
+
+    spec: Any  # task.AuxiliaryModel
+    modules: dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    steps: int = 0
+
+
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -254,6 +265,10 @@ class _Loop:
         prepared = acc.prepare(*modules.values(), optimizer)
         self.models = list(prepared[:-1])
         self.optimizer = prepared[-1]
+        bound = dict(zip(modules, self.models, strict=True))
+        self.auxiliary = self._prepare_auxiliary(config)
+        for aux in self.auxiliary:
+            bound |= aux.modules
         acc.register_for_checkpointing(self.lr_scheduler)
         acc.register_save_state_pre_hook(_keep_trainable_weights)
         self.ema = None
@@ -266,9 +281,30 @@ class _Loop:
         # A task's own training state (LCM's EMA target network) is saved and restored with the rest.
         for state in getattr(self.task, "checkpoint_state", list)():
             acc.register_for_checkpointing(state)
-        self.task.bind(dict(zip(modules, self.models, strict=True)), acc.device, self.weight_dtype)
+        self.task.bind(bound, acc.device, self.weight_dtype)
         if config.report_to != "none":
             acc.init_trackers(self.task.name, config=_tracker_config(config))
+
+    def _prepare_auxiliary(self, config: TrainConfig) -> list[_Auxiliary]:
+        """The task's auxiliary models (DMD2's fake score), each with its own optimizer.
+
+        Why the loop and not the task: the fake score takes several optimizer steps per student step, and
+        those steps need what the loop owns (accelerate's wrapping and gradient sync, mixed precision,
+        clipping, the per-step RNG, checkpoints). Prepared here, their weights and optimizer states are
+        saved and restored by `save_state` / `load_state` with the main ones, so resume stays exact.
+        """
+        out = []
+        for aux in getattr(self.task, "auxiliary_models", list)():
+            params = [p for group in aux.groups for p in group["params"]]
+            if not params:
+                raise SdcError(
+                    f"the {aux.name} model has no trainable parameters; check the training options."
+                )
+            optimizer = _make_optimizer(config, aux.groups)
+            prepared = self.accelerator.prepare(*aux.modules.values(), optimizer)
+            modules = dict(zip(aux.modules, prepared[:-1], strict=True))
+            out.append(_Auxiliary(aux, modules, prepared[-1], params))
+        return out
 
     def resume(self) -> Path | None:
         path = ckpt.resolve_resume(self.config.resume, self.checkpoint_dir)
@@ -310,10 +346,10 @@ class _Loop:
         self, batches: Iterator[tuple[int, dict[str, Any]]], stop: _StopFlag
     ) -> tuple[dict, bool, int]:
         acc, accum = self.accelerator, self.config.grad_accum
-        totals: dict[str, torch.Tensor] = {}
-        epoch = 0
-        for micro in range(accum):
-            epoch, batch = next(batches)
+        step_batches = [next(batches) for _ in range(accum)]
+        totals = self._auxiliary_updates([batch for _, batch in step_batches])
+        epoch = step_batches[-1][0]
+        for micro, (_, batch) in enumerate(step_batches):
             generator = torch.Generator(device=acc.device).manual_seed(
                 _noise_seed(self.config.seed, self.step, micro, self.rank)
             )
@@ -350,6 +386,40 @@ class _Loop:
         if after_step is not None:
             after_step()
         return values, stop_now, epoch
+
+    def _auxiliary_updates(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Each auxiliary model's updates for this step, on the step's micro-batches, before the main update.
+
+        Every update draws from its own generator, seeded by (seed, step, micro-batch, rank, model,
+        update), so a resumed run repeats them exactly. Returns the losses, averaged over the updates.
+        """
+        acc, accum = self.accelerator, len(batches)
+        totals: dict[str, torch.Tensor] = {}
+        for index, aux in enumerate(self.auxiliary):
+            count = aux.spec.updates
+            for update in range(count):
+                aux.optimizer.zero_grad(set_to_none=True)  # the main loss may have left gradients here
+                for micro, batch in enumerate(batches):
+                    seed = _noise_seed(self.config.seed, self.step, micro, self.rank)
+                    seed = (seed * 7_919 + index * 10_007 + update + 1) % (2**63 - 1)
+                    generator = torch.Generator(device=acc.device).manual_seed(seed)
+                    with contextlib.ExitStack() as stack:
+                        if micro < accum - 1:
+                            for model in aux.modules.values():
+                                stack.enter_context(acc.no_sync(model))
+                        with acc.autocast():
+                            losses = aux.spec.compute_loss(batch, generator)
+                        if torch.isfinite(losses["loss"].detach()).all():
+                            acc.backward(losses["loss"] / accum)
+                    for name, value in losses.items():
+                        key = aux.spec.name if name == "loss" else f"{aux.spec.name}_{name}"
+                        totals[key] = totals.get(key, 0.0) + value.detach().float() / (accum * count)
+                if self.config.max_grad_norm:
+                    acc.clip_grad_norm_(aux.params, self.config.max_grad_norm)
+                aux.optimizer.step()
+                aux.optimizer.zero_grad(set_to_none=True)
+                aux.steps += 1
+        return totals
 
     # -- saving -------------------------------------------------------------
 

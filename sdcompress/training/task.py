@@ -33,13 +33,32 @@ class TrainingSummary:
     options: dict[str, Any]
 
 
+@dataclass
+class AuxiliaryModel:
+    """A second model a task trains beside the main one, on its own optimizer, `updates` steps per main step.
+
+    DMD2's fake score is one: it must track the student's distribution, so it takes several updates
+    (the two time-scale rule) on its own loss before each student update. The engine prepares the
+    modules with accelerate, builds their optimizer (`groups`, each with its own lr), checkpoints both
+    and runs `compute_loss(batch, generator)` on the step's micro-batches before the main update.
+    """
+
+    name: str
+    modules: dict[str, torch.nn.Module]
+    groups: list[dict[str, Any]]
+    updates: int
+    compute_loss: Any  # Callable[[dict[str, Any], torch.Generator], dict[str, torch.Tensor]]
+
+
 @runtime_checkable
 class TrainTask(Protocol):
     """One training job on the shared loop.
 
     Optional hooks the loop calls when a task has them: `check_dataset(dataset)` before the first
     step, `checkpoint_state()` (more objects to save and restore with each checkpoint, e.g. LCM's
-    target network) and `after_optimizer_step()` (e.g. that network's EMA update).
+    target network), `after_optimizer_step()` (e.g. that network's EMA update) and
+    `auxiliary_models()` (models on their own optimizers, updated before each main step: `AuxiliaryModel`);
+    `bind` then receives their prepared modules too.
     """
 
     name: str
