@@ -127,6 +127,7 @@ class Objective(Choice):
 
     DISTILL = "distill"  # imitate the teacher's outputs and features at one timestep (BK-SDM)
     LCM = "lcm"  # latent consistency distillation: jump along the teacher's ODE in few steps
+    DMD2 = "dmd2"  # distribution matching (DMD2): a few-step student whose samples score as the teacher's
 
 
 class ConsistencyLoss(Choice):
@@ -603,8 +604,9 @@ class ConsistencyConfig:
         default=Objective.DISTILL,
         metadata=option(
             "--objective",
-            "distill (imitate the teacher: task + output + feature losses) or lcm (a few-step student by "
-            "latent consistency distillation; --student defaults to the teacher).",
+            "distill (imitate the teacher: task + output + feature losses), lcm (a few-step student by "
+            "latent consistency distillation) or dmd2 (a few-step student by distribution matching); "
+            "with lcm and dmd2 --student defaults to the teacher.",
             DISTILLATION,
             choices=Objective,
         ),
@@ -613,7 +615,7 @@ class ConsistencyConfig:
         default=None,
         metadata=option(
             "--lora",
-            "LCM only: train a LoRA of this rank on the student instead of the whole U-Net (LCM-LoRA).",
+            "LCM and DMD2: train a LoRA of this rank on the student instead of the whole U-Net.",
             DISTILLATION,
             metavar="RANK",
         ),
@@ -622,7 +624,8 @@ class ConsistencyConfig:
         default=TargetSet.ALL,
         metadata=option(
             "--lora-targets",
-            f"LCM-LoRA modules: {', '.join(TargetSet)} (all: linears and convs, as LCM-LoRA).",
+            f"LCM/DMD2 LoRA modules (student and --fake-lora): {', '.join(TargetSet)} "
+            "(all: linears and convs, as LCM-LoRA).",
             DISTILLATION,
             choices=TargetSet,
         ),
@@ -668,15 +671,128 @@ class ConsistencyConfig:
     def is_lcm(self) -> bool:
         return self.objective == Objective.LCM
 
+    @property
+    def is_dmd2(self) -> bool:
+        return self.objective == Objective.DMD2
+
+    @property
+    def few_step(self) -> bool:
+        """LCM and DMD2 train a few-step sampler of any student, by default the teacher itself."""
+        return self.is_lcm or self.is_dmd2
+
     def validate(self) -> None:
         checks = [
             (self.lora is None or self.lora >= 1, "--lora must be a rank of 1 or more"),
-            (self.lora is None or self.is_lcm, "--lora needs --objective lcm"),
+            (self.lora is None or self.few_step, "--lora needs --objective lcm or dmd2"),
             (0 <= self.w_min <= self.w_max, "--w-min must be 0 or more and at most --w-max"),
             (self.w_embedding >= 0 and self.w_embedding % 2 == 0, "--w-embedding must be 0 or an even width"),
             (1 <= self.ddim_timesteps <= 1000, "--ddim-timesteps must be between 1 and 1000"),
             (0.0 <= self.target_ema_decay < 1.0, "--target-ema-decay must be in [0, 1)"),
             (self.huber_c > 0, "--huber-c must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SdcError(message + "; fix the option and run again.")
+
+
+# The real score's classifier-free guidance as DMD2 trains them: SDXL 8, SD 1.5 (and other U-Nets) 1.75.
+DMD2_GUIDANCE_SDXL = 8.0
+DMD2_GUIDANCE_SD = 1.75
+
+
+@dataclass(frozen=True)
+class DmdConfig:
+    """Distribution matching distillation (`distill --objective dmd2`), with the DMD2 paper's recipe.
+
+    The student's samples are scored by the frozen teacher (the real score, guided by `teacher_guidance`)
+    and by a fake score U-Net that follows the student's distribution (initialised from the teacher,
+    `fake_updates` denoising updates per student update, full or a LoRA of rank `fake_lora` on the
+    teacher's frozen weights); the student moves along the normalised difference. `student_steps` is
+    1, 2, 4 or a timestep list (999,749,499,249); multi-step students learn by backward simulation.
+    """
+
+    student_steps: str = field(
+        default="4",
+        metadata=option(
+            "--student-steps",
+            "DMD2: the student's sampling steps, 1, 2 or 4 (trailing: 999,749,499,249), or a timestep list.",
+            DISTILLATION,
+            metavar="STEPS",
+        ),
+    )
+    teacher_guidance: float | None = field(  # None: the family's (DMD2_GUIDANCE)
+        default=None,
+        metadata=option(
+            "--teacher-guidance",
+            "DMD2: classifier-free guidance of the real score (default as the paper: 8 for SDXL, "
+            "1.75 for SD 1.x/2.x).",
+            DISTILLATION,
+        ),
+    )
+    fake_lora: int | None = field(
+        default=None,
+        metadata=option(
+            "--fake-lora",
+            "DMD2: train the fake score as a LoRA of this rank on the teacher's frozen weights "
+            "(default: a full copy of the teacher).",
+            DISTILLATION,
+            metavar="RANK",
+        ),
+    )
+    fake_updates: int = field(
+        default=5,
+        metadata=option(
+            "--fake-updates",
+            "DMD2: fake-score updates per student update (two time-scale rule).",
+            DISTILLATION,
+        ),
+    )
+    fake_lr: float | None = field(  # None: --lr
+        default=None,
+        metadata=option("--fake-lr", "DMD2: learning rate of the fake score (default: --lr).", DISTILLATION),
+    )
+    gan_weight: float = field(
+        default=0.0,
+        metadata=option(
+            "--gan-weight",
+            "DMD2: weight of the GAN loss on the fake score's bottleneck features (0: no GAN head; "
+            "the paper's SDXL recipe: 5e-3).",
+            DISTILLATION,
+        ),
+    )
+    kd_weight: float = field(
+        default=0.0,
+        metadata=option(
+            "--kd-weight",
+            "DMD2: weight of block-feature distillation against the teacher (--features taps; 0: off).",
+            DISTILLATION,
+        ),
+    )
+    min_step: float = 0.02  # the distribution-matching timestep range, as fractions of T (the paper's)
+    max_step: float = 0.98
+
+    def guidance(self, is_sdxl: bool) -> float:
+        """The real score's guidance: --teacher-guidance, else the paper's value for the family."""
+        if self.teacher_guidance is not None:
+            return self.teacher_guidance
+        return DMD2_GUIDANCE_SDXL if is_sdxl else DMD2_GUIDANCE_SD
+
+    def validate(self, objective: Objective) -> None:
+        changed = [
+            f.metadata["cli"].name
+            for f in fields(self)
+            if "cli" in f.metadata and getattr(self, f.name) != f.default
+        ]
+        checks = [
+            (objective == Objective.DMD2 or not changed, f"{', '.join(changed)} needs --objective dmd2"),
+            (self.fake_lora is None or self.fake_lora >= 1, "--fake-lora must be a rank of 1 or more"),
+            (self.fake_updates >= 1, "--fake-updates must be 1 or more"),
+            (self.fake_lr is None or self.fake_lr > 0, "--fake-lr must be positive"),
+            (
+                self.teacher_guidance is None or self.teacher_guidance >= 1,
+                "--teacher-guidance must be 1 or more",
+            ),
+            (self.gan_weight >= 0 and self.kd_weight >= 0, "--gan-weight and --kd-weight must be 0 or more"),
         ]
         for ok, message in checks:
             if not ok:
