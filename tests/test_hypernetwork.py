@@ -226,3 +226,17 @@ def test_hypernetwork_train_cli_reads_a_config_file(cli, tmp_path):
     state = torch.load(tmp_path / "hn" / "hn.pt", weights_only=True)
     assert state["layer_structure"] == [1.0, 3.0, 1.0] and state["activation_func"] == "tanh"
     assert state[32][0]["linear.0.weight"].shape == (96, 32)
+
+
+def test_several_processes_are_refused_in_one_sentence(monkeypatch):
+    """The hooks bypass DDP's wrapper, so `accelerate launch` with several processes is refused."""
+    from sdcompress.errors import SdcError
+    from sdcompress.training.hypernetwork_task import HypernetworkTask
+    from sdcompress.training.task import DiffusionParts, LossConfig
+
+    task = HypernetworkTask(DiffusionParts.from_pipeline(pipeline(load_model("tiny-sd"))), LossConfig(),
+                            HypernetworkSpec())  # fmt: skip
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+    with pytest.raises(SdcError, match="one process"):
+        task.bind({"hypernetwork": task.network}, torch.device("cpu"), torch.float32)
