@@ -19,6 +19,9 @@ starting steps once its total budget is spent, and a step whose input failed is 
 - data prepare, and a few steps each of distill (SDXL -> ssd-1b, 1024 px, fp16, gradient
   checkpointing, 8-bit AdamW when bitsandbytes imports), finetune (SD 1.5, bf16) and lora train
   (SDXL, fp16): step time, peak memory, finite losses;
+- a few steps each of distill --objective dmd2: SDXL -> SDXL (`--lora 64 --fake-lora 64`) and
+  SDXL -> ssd-1b (full student, full fake score, 8-bit AdamW when bitsandbytes imports), 1024 px,
+  fp16, gradient checkpointing: step time, peak memory, finite losses;
 - the CUDA-only tests (`pytest -m gpu`).
 
 The CLI is called as users call it (`python -m sdcompress ...`) except where a figure must be
@@ -97,7 +100,12 @@ class Plan:
                 sd1_resolution=32,
                 images=2,
                 train_steps=2,
-                mixed={"distill": "bf16", "finetune": "no", "lora-train": "no"},  # bf16 is slow on a CPU
+                mixed={
+                    "distill": "bf16",
+                    "finetune": "no",
+                    "lora-train": "no",
+                    "dmd2": "no",
+                },  # bf16 is slow on a CPU
                 rank=8,
                 total_s=900,
                 budgets=dict.fromkeys(STEP_NAMES, 240.0),
@@ -115,9 +123,9 @@ class Plan:
             sd1_resolution=512,
             images=8,
             train_steps=4,
-            mixed={"distill": "fp16", "finetune": "bf16", "lora-train": "fp16"},
+            mixed={"distill": "fp16", "finetune": "bf16", "lora-train": "fp16", "dmd2": "fp16"},
             rank=32,
-            total_s=540,  # 9 minutes
+            total_s=690,  # 11.5 minutes (9 before the two DMD2 steps)
             budgets={
                 "build": 100,
                 "prune": 75,
@@ -129,6 +137,8 @@ class Plan:
                 "distill": 90,
                 "finetune": 60,
                 "lora-train": 75,
+                "dmd2-lora": 75,
+                "dmd2-full": 75,
                 "pytest-gpu": 60,
             },
         )
@@ -149,6 +159,8 @@ STEP_NAMES = (
     "distill",
     "finetune",
     "lora-train",
+    "dmd2-lora",
+    "dmd2-full",
     "pytest-gpu",
 )
 NEEDS = {
@@ -160,6 +172,8 @@ NEEDS = {
     "distill": ("build", "prune"),
     "finetune": ("build",),
     "lora-train": ("build",),
+    "dmd2-lora": ("build",),
+    "dmd2-full": ("build", "prune"),
 }
 
 
@@ -380,7 +394,7 @@ def step_train(r: Runner, command: str) -> dict[str, Any]:
         "command": command,
         "images": b["images"],
         "steps": p.train_steps,
-        "mixed_precision": p.mixed[command],
+        "mixed_precision": p.mixed.get(command),
         "out": r.work / command,
     }
     if command == "distill":
@@ -388,6 +402,13 @@ def step_train(r: Runner, command: str) -> dict[str, Any]:
         config["optimizer"] = "adamw8bit" if _has_bitsandbytes() and p.device == "cuda" else "adamw"
     elif command == "finetune":
         config |= {"model": b["sd1"], "resolution": p.sd1_resolution}
+    elif command == "dmd2-lora":  # student and fake score as LoRAs on SDXL: the one-GPU recipe
+        config |= {"model": b["sdxl"], "resolution": p.xl_resolution, "lora": 64, "fake_lora": 64}
+        config["mixed_precision"] = p.mixed["dmd2"]
+    elif command == "dmd2-full":  # a full pruned student and a full fake score
+        config |= {"model": b["sdxl"], "student": r.work / "ssd-1b", "resolution": p.xl_resolution}
+        config["optimizer"] = "adamw8bit" if _has_bitsandbytes() and p.device == "cuda" else "adamw"
+        config["mixed_precision"] = p.mixed["dmd2"]
     else:
         config |= {"model": b["sdxl"], "resolution": p.xl_resolution}
     return r.probe("train", **config)
@@ -603,6 +624,15 @@ def probe_train(c: dict[str, Any]) -> dict[str, Any]:
         from sdcompress.services.distill import DistillRequest, distill
 
         distill(DistillRequest(c["model"], str(c["student"]), out, data, train), on_event)
+    elif command.startswith("dmd2"):
+        from sdcompress.services.distill import DistillRequest, distill
+        from sdcompress.training.config import ConsistencyConfig, DmdConfig
+
+        student = str(c["student"]) if c.get("student") else None
+        consistency = ConsistencyConfig(objective="dmd2", lora=c.get("lora"))
+        dmd = DmdConfig(fake_lora=c.get("fake_lora"), fake_updates=2, gan_weight=5e-3)
+        request = DistillRequest(c["model"], student, out, data, train, consistency=consistency, dmd=dmd)
+        distill(request, on_event)
     elif command == "finetune":
         from sdcompress.services.finetune import FinetuneRequest, finetune
 
@@ -742,6 +772,8 @@ def run_suite(plan: Plan, out: Path, keep: bool) -> int:
         "distill": lambda r: step_train(r, "distill"),
         "finetune": lambda r: step_train(r, "finetune"),
         "lora-train": lambda r: step_train(r, "lora-train"),
+        "dmd2-lora": lambda r: step_train(r, "dmd2-lora"),
+        "dmd2-full": lambda r: step_train(r, "dmd2-full"),
         "pytest-gpu": step_pytest,
     }
     for name in STEP_NAMES:

@@ -45,7 +45,7 @@ def test_tiny_suite_runs_every_step_and_reports(tmp_path):
         # the extraction's error over sampled layers, against exact SVDs: near the optimum
         assert 1.0 - 1e-6 <= steps[name]["error_vs_exact"] < 1.05, steps[name]
     assert steps["convert"]["identical"] is True
-    for name in ("distill", "finetune", "lora-train"):
+    for name in ("distill", "finetune", "lora-train", "dmd2-lora", "dmd2-full"):
         assert steps[name]["losses_finite"] and steps[name]["steps"] == 2, steps[name]
     assert not (out / "work").exists()  # work files go unless --keep
     md = (out / "gpu_suite.md").read_text()
