@@ -78,7 +78,9 @@ def _diffusers_source(model: Any, scratch: Path) -> Path:
     return folder
 
 
-def quantize_folder(model_ref: str, out_dir: Path, fmt: QuantFormat, *, text_encoders: bool) -> None:
+def quantize_folder(
+    model_ref: str, out_dir: Path, fmt: QuantFormat, *, text_encoders: bool, allow_pickle: bool = False
+) -> None:
     """Write `model_ref` to `out_dir` as a diffusers folder whose U-Net (and, with `text_encoders`,
     text encoders) diffusers quantized to `fmt`; the VAE and everything else keep the source precision.
 
@@ -93,7 +95,7 @@ def quantize_folder(model_ref: str, out_dir: Path, fmt: QuantFormat, *, text_enc
     if not fmt.is_diffusers:
         raise SdcError(f"--format {fmt} is not a diffusers-folder format (nf4, int8).")
     _backend(fmt)
-    model = load_model(model_ref)
+    model = load_model(model_ref, allow_pickle=allow_pickle)
     quantized = ["unet"] + ([c for c in TEXT_ENCODERS if c in model.components] if text_encoders else [])
     if text_encoders and len(quantized) == 1:
         raise SdcError(f"{model_ref} has no text encoders to quantize; drop --text-encoders.")
