@@ -295,3 +295,21 @@ def test_toy_mixture_of_gaussians(seed):
     assert r.sw_ratio >= 5, r
     assert r.modes >= 7, r
     assert r.fake_error_student < r.fake_error_target, r
+
+
+def test_model_card_states_steps_sampler_and_guidance():
+    from sdcompress.arch.families import get_family
+    from sdcompress.hub.card import CardFacts, card_body
+    from sdcompress.hub.lineage import Lineage
+
+    inference = {
+        "steps": 4,
+        "timesteps": [999, 749, 499, 249],
+        "sampler": "LCMScheduler",
+        "guidance_scale": 0.0,
+    }
+    run = {"command": "distill", "objective": "dmd2", "steps": 10, "inference": inference}
+    facts = CardFacts("me/dmd2", "pipeline", get_family("sdxl"), None, {}, [], Lineage(run=run))
+    body = card_body(facts)
+    assert "- sampling: 4 steps (timesteps 999, 749, 499, 249), LCMScheduler, guidance_scale 0.0" in body
+    assert "num_inference_steps=4, guidance_scale=0.0" in body

@@ -190,7 +190,22 @@ _RUN_SHOWN = {
     "tool", "version", "command", "kind", "task", "teacher", "base_model", "student", "steps", "max_steps",
     "epoch", "data", "options", "loss_curve", "loss_history", "feature_pairs", "files", "family",
     "teacher_family", "preset", "teacher_unet_parameters", "student_unet_parameters", "stages",
+    "inference",
 }  # fmt: skip
+
+
+def _sampling(run: dict[str, Any]) -> dict[str, Any] | None:
+    """How a few-step student is sampled (its run record's `inference`: steps, timesteps, sampler, guidance)."""
+    inference = run.get("inference")
+    return inference if isinstance(inference, dict) and inference.get("steps") else None
+
+
+def _sampling_line(inference: dict[str, Any]) -> str:
+    timesteps = inference.get("timesteps")
+    at = f" (timesteps {', '.join(map(str, timesteps))})" if isinstance(timesteps, list) else ""
+    sampler = inference.get("sampler") or "the saved scheduler"
+    guidance = inference.get("guidance_scale")
+    return f"- sampling: {inference['steps']} steps{at}, {sampler}, guidance_scale {guidance}"
 
 
 def _stages_section(stages: Any) -> list[str]:
@@ -233,6 +248,8 @@ def _run_section(run: dict[str, Any], curve: list[dict[str, float]], kind: str |
         lines.append(
             f"- steps: {steps}" + (f" (epoch {run['epoch']})" if run.get("epoch") is not None else "")
         )
+    if _sampling(run):
+        lines.append(_sampling_line(_sampling(run)))
     if isinstance(run.get("data"), dict | str):
         data = (
             run["data"]
@@ -295,6 +312,12 @@ def _usage(facts: CardFacts) -> list[str]:
             f'pipe = DiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")',
             'image = pipe("a photo of an astronaut riding a horse").images[0]',
         ]
+        few = _sampling(facts.lineage.run or {})
+        if few:  # a few-step student: the steps and guidance it was trained for
+            code[-1] = (
+                'image = pipe("a photo of an astronaut riding a horse", '
+                f"num_inference_steps={few['steps']}, guidance_scale={few.get('guidance_scale', 0)}).images[0]"
+            )
     return ["## Usage", "", "```python", *code, "```", ""]
 
 
