@@ -8,6 +8,7 @@ latent MSE, higher PSNR and SSIM), with seconds per image as rendered.
 
     python benchmarks/eval.py                                   # CPU: tiny-sd -> bk-small, seeds 0 1 2
     python benchmarks/eval.py --gpu-line --device cuda          # GPU: SDXL vs ssd-1b, 200 prompts, 1024 px
+    python benchmarks/eval.py --gpu-line --smoke --prompts 4    # the same code path on tiny-sdxl, CPU
 
 `--gpu-line` renders 200 COCO-style prompts with a random-weight SDXL (the
 cached fp16 copy from `sdcompress.testing`, 6.9 GB on first use) and its
@@ -72,7 +73,7 @@ def tiny_run(seed: int, work: Path, args: argparse.Namespace) -> dict[str, dict]
             teacher=args.teacher,
             student=str(student),
             output=distilled,
-            data=DataConfig(data_dir=data, resolution=64),
+            data=DataConfig(data_dir=data, resolution=args.train_resolution),
             train=TrainConfig(
                 work_dir=work / f"work-{seed}",
                 max_steps=args.distill_steps,
@@ -106,10 +107,11 @@ def gpu_line(args: argparse.Namespace, work: Path) -> None:
     from sdcompress.services.prune import PruneRequest, prune
     from sdcompress.testing import cached_random_model
 
-    teacher = cached_random_model("sdxl", "diffusers", draw_device=args.device)
+    resolution = 64 if args.smoke else 1024
+    teacher = "tiny-sdxl" if args.smoke else cached_random_model("sdxl", "diffusers", draw_device=args.device)
     student = work / "ssd-1b"
     if not student.exists():
-        prune(PruneRequest(teacher=str(teacher), output=str(student), preset="ssd-1b", select="first"))
+        prune(PruneRequest(teacher=str(teacher), output=str(student), preset="ssd-1b", select="uniform"))
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(coco_style_prompts(args.prompts)) + "\n")
     result = evaluate(
@@ -119,7 +121,7 @@ def gpu_line(args: argparse.Namespace, work: Path) -> None:
             teacher=str(teacher),
             output=work / "eval",
             steps=args.eval_steps,
-            resolution=1024,
+            resolution=resolution,
             batch_size=args.batch_size,
             device=args.device,
         ),
@@ -129,7 +131,7 @@ def gpu_line(args: argparse.Namespace, work: Path) -> None:
         {"model": "sdxl" if m.teacher else "ssd-1b", **m.agreement, "s_per_image": m.render_seconds_per_image}
         for m in result.models
     ]
-    print(json.dumps({"prompts": result.prompts, "resolution": 1024, "models": rows}, indent=2))
+    print(json.dumps({"prompts": result.prompts, "resolution": resolution, "models": rows}, indent=2))
 
 
 def main() -> None:
@@ -139,10 +141,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--distill-steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-resolution", type=int, default=64, help="Distillation image size (px).")
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gpu-line", action="store_true", help="SDXL vs ssd-1b, random weights, 1024 px.")
     parser.add_argument("--prompts", type=int, default=200, help="With --gpu-line.")
+    parser.add_argument(
+        "--smoke", action="store_true", help="With --gpu-line: tiny-sdxl at 64 px (a CPU check)."
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="With --gpu-line.")
     parser.add_argument("--work", type=Path, default=None, help="Keep the folders here (default: temporary).")
     args = parser.parse_args()
