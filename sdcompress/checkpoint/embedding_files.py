@@ -262,11 +262,12 @@ def check_new_token(tokenizer, token: str, count: int, where: str = "the tokeniz
         raise SdcError(f"--token {token!r} must be one word without spaces, such as '<my-thing>'.")
     vocab = tokenizer.get_vocab()
     names = token_names(token, count)
+    other = f"<{re.sub(r'[^a-z0-9]+', '-', token.lower()).strip('-') or 'my-thing'}-v2>"
     for name in names:
         single = tokenizer(name, add_special_tokens=False).input_ids
         if name in vocab or name + "</w>" in vocab or name.lower() + "</w>" in vocab:
             raise SdcError(
-                f"--token {name!r} is already in {where}'s vocabulary; choose a new token such as '<{token.strip('<>')}-1>'."
+                f"--token {name!r} is already in {where}'s vocabulary; choose a name it lacks, such as {other!r}."
             )
         if (
             len(single) == 1
@@ -274,7 +275,7 @@ def check_new_token(tokenizer, token: str, count: int, where: str = "the tokeniz
             and name.lower() == tokenizer.decode(single)
         ):
             raise SdcError(
-                f"--token {name!r} is already a word of {where}; choose a new token such as '<{name}>'."
+                f"--token {name!r} is already a word of {where}; choose a name it lacks, such as {other!r}."
             )
     return names
 
