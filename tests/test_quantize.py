@@ -243,3 +243,18 @@ def test_diffusers_from_single_file_loads_plain_fp8(src, written, tmp_path, cli)
     ours = load_model(path).components["unet"]
     for k, v in unet.state_dict().items():
         assert torch.equal(v.float(), ours[k].load().float()), k
+
+
+@pytest.mark.slow
+def test_max_error_scores_layers_by_the_unet_output(src, tmp_path):
+    others = ["input_blocks", "middle_block", *(f"output_blocks.{i}" for i in range(1, 10))]
+    r = quantize(
+        QuantizeRequest(
+            str(src), str(tmp_path / "e.safetensors"), "fp8", keep=others, max_error=1e-9, report=False
+        )
+    )
+    assert any("U-Net output error" in n for n in r.notes)
+    # output_blocks.0 alone is left to score; an error target of 1e-9 keeps all of it
+    assert r.kept_by_allocation and all(n.startswith("output_blocks.0.") for n in r.kept_by_allocation)
+    q, _ = _tensors(tmp_path / "e.safetensors")
+    assert not any(v.dtype == torch.float8_e4m3fn for k, v in q.items() if k.startswith(P))

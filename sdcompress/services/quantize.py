@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcompress.checkpoint.atomic import Overwrite, atomic_file, check_output
+from sdcompress.checkpoint.atomic import Overwrite, atomic_dir, atomic_file, check_output
 from sdcompress.checkpoint.keymap import unet as unet_map
 from sdcompress.checkpoint.model import Model, disk_size
 from sdcompress.checkpoint.resolve import load_model
@@ -184,7 +184,7 @@ def _write_gguf(req: QuantizeRequest, model: Model, unet_sf: StateDict, keep: Ke
     from sdcompress.quantize import gguf
 
     size = _smallest_size(sum(t.nbytes for t in unet_sf.values()), unet_sf, list(unet_sf), req.format)
-    arch = "sdxl" if model.family.is_sdxl else "sd1"
+    arch = gguf.arch_for_family(model.family)
     with atomic_file(req.output, overwrite=req.overwrite, size=size) as tmp:
         tensors = ((n, t.load()) for n, t in unet_sf.items())
         gguf.write_gguf(Path(tmp), tensors, arch=arch, fmt=req.format, keep=keep.keeps)
@@ -263,7 +263,9 @@ def quantize(
         )
     if fmt == QuantFormat.FP8_SCALED:
         notes.append(
-            "convolutions are stored as plain fp8 casts: ComfyUI applies scale_weight to Linear layers only"
+            "convolutions are stored as plain fp8 casts (ComfyUI applies scale_weight to Linear layers "
+            "only); ComfyUI 0.3.64 and older also round the Linears this file keeps to fp8, newer "
+            "versions keep them (docs/quantize.md)"
         )
     result = QuantizeResult(
         output=req.output,
@@ -299,7 +301,10 @@ def _diffusers_folder(req: QuantizeRequest, start: float) -> QuantizeResult:
     from sdcompress.quantize.diffusers_folder import quantize_folder
 
     model = load_model(req.model, allow_pickle=req.allow_pickle)
-    quantize_folder(req.model, Path(req.output), req.format, text_encoders=req.text_encoders)
+    with atomic_dir(req.output, overwrite=req.overwrite) as tmp:  # all of the folder or none of it
+        quantize_folder(
+            req.model, tmp, req.format, text_encoders=req.text_encoders, allow_pickle=req.allow_pickle
+        )
     return QuantizeResult(
         output=req.output,
         format=req.format.value,
