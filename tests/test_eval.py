@@ -245,6 +245,13 @@ def test_eval_cli_scores_caches_resumes_and_draws(cli, pruned, tmp_path, fid_net
     assert counts == [(0, 3), (1, 2)]
     assert json.loads((out / "eval.json").read_text())["models"][1]["generated"] == 1
 
+    # another scheduler is another setting: its own images, the old ones kept
+    fourth = cli("eval", "tiny-sd", *common, "--scheduler", "ddim")
+    assert fourth.code == 0, fourth
+    (teacher,) = json.loads(fourth.stdout)["models"]
+    assert teacher["generated"] == 3 and json.loads(fourth.stdout)["settings"]["scheduler"] == "ddim"
+    assert len(list((out / "images").iterdir())) == 3
+
 
 def test_eval_bad_input_is_one_sentence(cli, tmp_path):
     (tmp_path / "other").mkdir()
