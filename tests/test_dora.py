@@ -30,11 +30,12 @@ def dora(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dora")
     model = load_model("tiny-sd")
     pipe = build_pipeline(model, dtype=torch.float32)
-    spec = AdapterSpec(type="dora", rank=4, alpha=2.0, targets="all")
+    spec = AdapterSpec(type="dora", rank=4, alpha=2.0, targets="all", text_encoder=True)
     task = LoraTrainTask(DiffusionParts.from_pipeline(pipe), LossConfig(), spec)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
+        named = [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]
+        for name, p in named:
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen))
             elif p.requires_grad:
@@ -44,37 +45,43 @@ def dora(tmp_path_factory):
     return model, pipe, task, files
 
 
-def _peft_merged(pipe, paths):
-    """The U-Net weights after peft's own merge of each DoRA layer (undone afterwards)."""
+def _peft_merged(module, paths):
+    """`module`'s weights after peft's own merge of each DoRA layer (undone afterwards), `text_model.` dropped."""
     for path in paths:
-        pipe.unet.get_submodule(path).merge()
-    merged = {k.replace(".base_layer", ""): v.clone() for k, v in pipe.unet.state_dict().items()}
+        module.get_submodule(path).merge()
+    merged = {
+        k.replace(".base_layer", "").removeprefix("text_model."): v.clone()
+        for k, v in module.state_dict().items()
+    }
     for path in paths:
-        pipe.unet.get_submodule(path).unmerge()
+        module.get_submodule(path).unmerge()
     return merged
 
 
 def test_dora_bakes_like_peft_merge_for_linear_and_conv(dora):
     model, pipe, task, (kohya, peft_file) = dora
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     paths = task.paths["unet"]
     convs = [p for p in paths if pipe.unet.get_submodule(p).get_base_layer().weight.dim() == 4]
     assert convs and len(convs) < len(paths)  # both kinds of layer are adapted
-    merged = _peft_merged(pipe, paths)
+    merged = {c: _peft_merged(m, task.paths[c]) for c, m in modules.items()}
     for file in (kohya, peft_file):
         lora = read_lora(file)
         assert {a.label for a in lora.adapters.values()} == {"DoRA"}
         baked, adapted = bake_loras(model, [(lora, 1.0)])
-        assert adapted == len(paths)
-        for path in paths:
-            key = path + ".weight"
-            torch.testing.assert_close(
-                baked.components["unet"][key].load().float(), merged[key], atol=1e-5, rtol=1e-4, msg=key
-            )
+        assert adapted == sum(len(p) for p in task.paths.values())
+        for component in modules:
+            for key, lt in baked.components[component].items():
+                name = key.removeprefix("text_model.")
+                if any(name == p.removeprefix("text_model.") + ".weight" for p in task.paths[component]):
+                    want = merged[component][name]
+                    torch.testing.assert_close(lt.load().float(), want, atol=1e-5, rtol=1e-4, msg=key)
     # weight decomposition, not a plain LoRA: adding up @ down alone gives other weights
     for target, adapter in resolve(read_lora(kohya), naming_for(model)).items():
-        w = model.components["unet"][target.weight_key].load().float()
+        w = model.components[target.component][target.weight_key].load().float()
         plain = w + adapter.delta(tuple(w.shape))
-        assert (plain - merged[target.weight_key]).abs().max() > 1e-3
+        want = merged[target.component][target.weight_key.removeprefix("text_model.")]
+        assert (plain - want).abs().max() > 1e-3
 
 
 def test_kohya_file_holds_lycoris_dora_scale_and_names_the_algorithm(dora):
@@ -91,6 +98,17 @@ def test_kohya_file_holds_lycoris_dora_scale_and_names_the_algorithm(dora):
 
     comfy_names = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_") for k in pipe.unet.state_dict()}
     comfy_names = {n.replace("_base_layer", "") for n in comfy_names}
+    # model_lora_keys_clip: lora_te_text_model_encoder_layers_<b>_<LORA_CLIP_MAP value>
+    clip_map = (
+        "mlp_fc1",
+        "mlp_fc2",
+        "self_attn_k_proj",
+        "self_attn_q_proj",
+        "self_attn_v_proj",
+        "self_attn_out_proj",
+    )
+    layers = pipe.text_encoder.config.num_hidden_layers
+    comfy_names |= {f"lora_te_text_model_encoder_layers_{b}_{c}" for b in range(layers) for c in clip_map}
     consumed = {"alpha", "dora_scale", "lora_up.weight", "lora_down.weight"}
     for key in load_file(kohya):
         module, _, suffix = key.partition(".")
@@ -114,7 +132,8 @@ def test_lycoris_reads_the_kohya_file_and_merges_the_same_weights(dora):
     weights = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in load_file(kohya).items()}
     network, _ = lycoris.create_lycoris_from_weights(1.0, str(kohya), unet, weights_sd=weights)
     lora = read_lora(kohya)
-    assert len(network.loras) == len(lora.adapters) and all(m.wd for m in network.loras)
+    unet_modules = [n for n in lora.adapters if n.startswith("lora_unet_")]
+    assert len(network.loras) == len(unet_modules) and all(m.wd for m in network.loras)
     baked, _ = bake_loras(model, [(lora, 1.0)])
     for module in network.loras:
         path = next(p for p in task.paths["unet"] if "lycoris_" + p.replace(".", "_") == module.lora_name)
@@ -125,27 +144,41 @@ def test_lycoris_reads_the_kohya_file_and_merges_the_same_weights(dora):
 
 @pytest.mark.slow  # ~5 s or more on 2 busy cores
 def test_peft_file_loads_in_diffusers_with_every_key_consumed(dora):
-    """diffusers' load_lora_weights takes every tensor of the PEFT file (DoRA magnitude included)."""
+    """diffusers' load_lora_weights takes every tensor of the PEFT file (U-Net and text encoder magnitudes too)."""
     from safetensors.torch import load_file
 
     model, _, _, (_, peft_file) = dora
     pipe = build_pipeline(model, dtype=torch.float32)
     load_lora_file(pipe, peft_file)
-    loaded = {
-        k.replace(".default_0", "").replace(".default", ""): v for k, v in pipe.unet.state_dict().items()
-    }
-    loaded = {k.replace(".weight", "") if "lora_magnitude_vector" in k else k: v for k, v in loaded.items()}
-    for key, tensor in load_file(peft_file).items():
-        name = key.removeprefix("unet.")
-        assert name in loaded, key  # nothing left unconsumed
-        torch.testing.assert_close(loaded[name].float(), tensor.float(), msg=key)
+
+    def state(component: str) -> dict[str, torch.Tensor]:
+        sd = getattr(pipe, component).state_dict()
+        # peft's adapter name in the live modules; transformers 5's CLIP has no `text_model.` level
+        return {
+            k.replace(".default_0", "").replace(".default", "").removeprefix("text_model."): v
+            for k, v in sd.items()
+        }
+
+    loaded = {c: state(c) for c in ("unet", "text_encoder")}
+    file = load_file(peft_file)
+    assert any(k.startswith("text_encoder.") and "magnitude" in k for k in file)
+    for key, tensor in file.items():
+        component, _, name = key.partition(".")
+        name = name.removeprefix("text_model.")
+        assert name in loaded[component], key  # nothing left unconsumed
+        torch.testing.assert_close(loaded[component][name].float(), tensor.float(), msg=key)
     # and diffusers' fused weights are the baked ones
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     baked, _ = bake_loras(model, [(read_lora(peft_file), 1.0)])
-    fused = pipe.unet.state_dict()
-    for key, lt in baked.components["unet"].items():
-        torch.testing.assert_close(fused[key], lt.load().float(), atol=1e-5, rtol=1e-4, msg=key)
+    for component in ("unet", "text_encoder"):
+        fused = {k.removeprefix("text_model."): v for k, v in getattr(pipe, component).state_dict().items()}
+        for key, lt in baked.components[component].items():
+            if key.removeprefix("text_model.") in fused:
+                want = lt.load().float()
+                torch.testing.assert_close(
+                    fused[key.removeprefix("text_model.")], want, atol=1e-5, rtol=1e-4, msg=key
+                )
 
 
 @pytest.mark.slow  # ~5 s or more on 2 busy cores

@@ -43,14 +43,14 @@ _SUFFIXES = (
     "lora.down.weight", "lora.up.weight", "lora_linear_layer.down.weight", "lora_linear_layer.up.weight",
     "alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b", "w_norm", "b_norm", "dora_scale", "lora_magnitude_vector",
+    "diff", "diff_b", "w_norm", "b_norm", "dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight",
 )  # fmt: skip
 _SUFFIX_RX = re.compile(r"^(?P<module>.+?)\.(?P<suffix>" + "|".join(re.escape(s) for s in _SUFFIXES) + r")$")
 _CANON = {
     "lora_A.weight": "down", "lora_down.weight": "down", "lora.down.weight": "down",
     "lora_linear_layer.down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
     "lora.up.weight": "up", "lora_linear_layer.up.weight": "up", "lora_mid.weight": "mid",
-    "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
 }  # fmt: skip
 # diffusers' attention-processor layout names the projection after the processor attribute
 # (`attn1.processor.to_q_lora`); diffusers' own converter maps it to the module (`attn1.to_q`, or
@@ -493,8 +493,10 @@ def peft_state_dict(
             sd[f"{name}.lora_A.weight"] = _lazy(m.down, dtype)
             sd[f"{name}.lora_B.weight"] = _lazy(m.up, dtype)
             if m.magnitude is not None:  # peft's shapes: [out] for a linear, [1, out, 1, 1] for a conv
+                # `.weight` (the parameter's own name; peft saves it without): transformers 5 loads a text
+                # encoder's magnitude only under that name, and peft's loader accepts both spellings.
                 shape = (1, -1, 1, 1) if m.down.dim() == 4 else (-1,)
-                sd[f"{name}.lora_magnitude_vector"] = _lazy(m.magnitude.reshape(shape), dtype)
+                sd[f"{name}.lora_magnitude_vector.weight"] = _lazy(m.magnitude.reshape(shape), dtype)
     return sd, {"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True)}
 
 
