@@ -77,3 +77,19 @@ def test_missing_backend_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(SdcError, match=r"sdcompress\[nf4\]"):
         quantize_folder("tiny-sd", tmp_path / "o", QuantFormat.NF4, text_encoders=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_folder_leaves_no_output(cli, tmp_path, monkeypatch):
+    """`quantize --format int8` writes through a temporary folder: a failure half way leaves nothing."""
+    import sdcompress.quantize.diffusers_folder as folder
+
+    def fails_half_way(model_ref, out_dir, fmt, **kwargs):
+        (out_dir / "unet").mkdir(parents=True)
+        (out_dir / "unet" / "config.json").write_text("{}")
+        raise SdcError("the disk went away.")
+
+    monkeypatch.setattr(folder, "quantize_folder", fails_half_way)
+    out = tmp_path / "int8"
+    r = cli("quantize", "tiny-sd", "-o", out, "--format", "int8")
+    assert r.code == 2 and "the disk went away" in r.stderr, r
+    assert list(tmp_path.iterdir()) == []

@@ -27,7 +27,9 @@ def test_quantize_gguf_q8_0_then_convert_dequantizes_it(cli, tmp_path):
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert set(types) == set(source)
     assert types["input_blocks.0.0.weight"] == "F16" and types["time_embed.0.weight"] == "F16"
-    assert "Q8_0" in types.values()
+    assert types["input_blocks.1.0.in_layers.2.weight"] == "Q8_0"  # convolutions are quantized too
+    said = " ".join((r.stdout + r.stderr).split())
+    assert "leaves unquantized" not in said and "Linear layers only (nf4, int8)" in said
     ours = dict(read_gguf(out))
     for name, t in source.items():
         x = t.load().float()

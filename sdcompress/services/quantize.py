@@ -251,15 +251,10 @@ def quantize(
             "VAE left at the source precision"
             + ("" if req.text_encoders else "; text encoders too (--text-encoders quantizes them)")
         )
-    linear_only = fmt.is_gguf
-    if conv > 0.5:
+    if conv > 0.5:  # fp8 and GGUF quantize them too (ComfyUI-GGUF's ops dequantize Conv2d weights)
         notes.append(
-            f"{conv:.0%} of this U-Net's weights are convolutions"
-            + (
-                ", which this format leaves unquantized"
-                if linear_only
-                else "; formats that quantize Linear layers only (GGUF in ComfyUI-GGUF, nf4, int8) save little here"
-            )
+            f"{conv:.0%} of this U-Net's weights are convolutions; formats that quantize Linear layers "
+            "only (nf4, int8) save little here"
         )
     if fmt == QuantFormat.FP8_SCALED:
         notes.append(
