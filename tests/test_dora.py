@@ -229,3 +229,37 @@ def test_lora_train_type_dora_end_to_end(cli, tmp_path):
         == {a.label for a in peft_file.adapters.values()}
     )
     assert json.loads(kohya.metadata["ss_network_args"])["dora_wd"] == "True"
+
+
+@pytest.mark.slow  # ~4 s each: a second referee beside the fast LyCORIS reader test above
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_lycoris_dora_files_bake_to_lycoris_merge(tmp_path, algo):
+    """DoRA files LyCORIS itself writes (LoRA and LoHa with dora_wd) bake to LyCORIS's own merged weights."""
+    from test_lora_interop import _lycoris_network, _unet_weights
+
+    from sdcompress.checkpoint.tiny import tiny_model
+    from sdcompress.checkpoint.writers import save_single_file
+    from sdcompress.services.merge import LoraRef, MergeRequest, run_merge
+
+    base = tmp_path / "base.safetensors"
+    save_single_file(tiny_model("tiny-sd"), base)
+    unet, net, path = _lycoris_network(base, tmp_path, algo, dim=2, alpha=2.0, algo=algo, dora_wd=True)
+    with torch.no_grad():  # magnitudes near the weights' own norms, as a trained DoRA has them
+        for module in net.loras:
+            w = module.org_weight.float()
+            module.dora_scale.copy_(
+                w.reshape(w.shape[0], -1).norm(dim=1).reshape(module.dora_scale.shape) * 1.1
+            )
+    sd = {"lora_unet_" + k.removeprefix("lycoris_"): v.detach().clone() for k, v in net.state_dict().items()}
+    from safetensors.torch import save_file
+
+    save_file(sd, path)
+    assert {a.label for a in read_lora(path).adapters.values()} == {"DoRA" if algo == "lora" else "LoHa DoRA"}
+    out = tmp_path / "baked.safetensors"
+    run_merge(MergeRequest([str(base)], str(out), loras=[LoraRef(str(path), 1.0)], dtype=torch.float32))
+    net.restore()
+    net.merge_to(1.0)
+    theirs = {k: v.detach().float() for k, v in unet.state_dict().items()}
+    mine = _unet_weights(out)
+    for k in theirs:
+        torch.testing.assert_close(mine[k], theirs[k], atol=1e-5, rtol=1e-4, msg=k)
