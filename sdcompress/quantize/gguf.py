@@ -197,10 +197,10 @@ def write_gguf(
             data.tofile(spill)
             records.append(LayerRecord(name, stored.name, shape, data.nbytes))
         spill.flush()
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
         try:
+            writer.write_header_to_file(path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
             for offset, nbytes, dtype, shape in spans:
                 writer.write_tensor_data(_read_back(spill, offset, nbytes, dtype, shape))
         finally:
