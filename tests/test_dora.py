@@ -197,7 +197,7 @@ def test_convert_keeps_the_magnitude_both_ways(dora, tmp_path):
 
 
 def test_merge_strength_moves_from_the_base_towards_the_dora_weight(dora):
-    """A strength s gives W + s (W_dora - W), as LyCORIS and ComfyUI apply it."""
+    """A strength s gives W + s (W_dora - W), as ComfyUI applies it."""
     model, _, task, (kohya, _) = dora
     lora = read_lora(kohya)
     full, _ = bake_loras(model, [(lora, 1.0)])

@@ -145,8 +145,9 @@ def weight_decompose(
     peft's DoRA keeps one magnitude per output channel and normalises each row
     of W + dW over every other axis (the input and kernel axes of a conv);
     LyCORIS's older files keep one per input channel. A `multiplier` other than
-    1 moves from W towards the DoRA weight, as LyCORIS and ComfyUI apply a
-    strength (peft has no such knob).
+    1 moves from W towards the DoRA weight, as ComfyUI applies a strength
+    (peft has no such knob; LyCORIS's merge keeps all of dW and scales only the
+    rescaling, so it agrees at 1 only).
     """
     w = weight + delta
     if on_output:
