@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_lora_file
-from test_lora_train import assert_bit_identical, stop_after, tensors_of
+from test_lora_train import assert_bit_identical, tensors_of
 
 from sdcompress.errors import SdcError
 from sdcompress.hub.lineage import RUN_RECORD
@@ -260,12 +261,18 @@ def test_pruned_full_student_samples_in_4_steps_and_resumes_exactly(tmp_path, da
         output=tmp_path / "resumed",
         train=replace(req.train, work_dir=tmp_path / "resumed.train", checkpoint_every=100),
     )
-    stopped = distill(first, stop_after(1))
+    stopped = distill(first, ctrl_c_in_first_step)
     assert stopped.interrupted and stopped.steps == 1
     resumed = distill(replace(first, train=replace(first.train, resume="latest")))
     unet = "unet/diffusion_pytorch_model.safetensors"
     assert_bit_identical(tensors_of(straight.output / unet), tensors_of(resumed.output / unet))
     assert resumed.last_losses == straight.last_losses
+
+
+def ctrl_c_in_first_step(event) -> None:
+    """Ctrl-C while the first step runs, as a user would: the loop stops after it."""
+    if event.kind == "start":
+        signal.raise_signal(signal.SIGINT)
 
 
 def test_step_distilled_teacher_refused_with_advice(tmp_path, data_dir):

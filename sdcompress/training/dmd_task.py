@@ -298,11 +298,15 @@ class Dmd2Task(DiffusionTask):
             x0_u = self._x0(self.teacher, x, t, uncond, uncond_added, kind, dtype)
         return x0_u + self.guidance * (x0_c - x0_u)
 
-    def _logits(self, x, t, cond, added) -> torch.Tensor:
-        """The GAN head's logits on the fake U-Net's bottleneck features of (x, t)."""
+    def _features(self, x, t, cond, added) -> torch.Tensor:
+        """The fake U-Net's bottleneck features of (x, t), what the GAN head classifies.
+
+        Through the bare module, not DDP's wrapper: DDP allows one forward per backward (the denoising
+        one in the fake update); gradients of this second use still reach the same parameters.
+        """
         with self._mid_features() as mid:
-            self._x0(self.fake_model, x, t, cond, added, self.teacher_prediction, self._fake_dtype())
-        return self.gan_model(mid.pop())
+            self._x0(_inner(self.fake_model), x, t, cond, added, self.teacher_prediction, self._fake_dtype())
+        return mid.pop()
 
     # -- the losses ------------------------------------------------------------
 
@@ -317,7 +321,7 @@ class Dmd2Task(DiffusionTask):
         x0_real = self.real_x0(noisy, t, cond, added, batch)
         with torch.no_grad():
             x0_fake = self._x0(
-                self.fake_model, noisy, t, cond, added, self.teacher_prediction, self._fake_dtype()
+                _inner(self.fake_model), noisy, t, cond, added, self.teacher_prediction, self._fake_dtype()
             )
         grad = dm_gradient(x.detach().float(), x0_real, x0_fake)
         dm = dm_loss(x, grad)
@@ -326,7 +330,8 @@ class Dmd2Task(DiffusionTask):
         if self.gan is not None:
             t_gan = self._dm_timesteps(size, generator)
             noise = torch.randn(x.shape, generator=generator, device=x.device)
-            logits = self._logits(self.parts.noise_scheduler.add_noise(x, noise, t_gan), t_gan, cond, added)
+            noisy_x = self.parts.noise_scheduler.add_noise(x, noise, t_gan)
+            logits = self.gan_model(self._features(noisy_x, t_gan, cond, added))
             gan = F.softplus(-logits).mean()
             loss = loss + self.config.gan_weight * gan
             losses["gan"] = gan.detach()
@@ -373,10 +378,12 @@ class Dmd2Task(DiffusionTask):
         out = {"denoise": denoise.detach()}
         loss = denoise
         if self.gan is not None:
-            fake_logits = self.gan_model(mid.pop())
+            fake_features = mid.pop()
             t_real = self._dm_timesteps(x.shape[0], generator)
             noise = torch.randn(x.shape, generator=generator, device=x.device)
-            real_logits = self._logits(scheduler.add_noise(latents, noise, t_real), t_real, cond, added)
+            real_features = self._features(scheduler.add_noise(latents, noise, t_real), t_real, cond, added)
+            # one call of the (DDP-wrapped) head for both: DDP allows one forward per backward
+            fake_logits, real_logits = self.gan_model(torch.cat([fake_features, real_features])).chunk(2)
             gan = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
             loss = loss + self.config.gan_weight * gan
             out["gan"] = gan.detach()
