@@ -9,6 +9,7 @@ the U-Net output's error against the source on fixed inputs.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -180,14 +181,18 @@ def _write_fp8(
     write_safetensors(req.output, out, metadata, overwrite=req.overwrite, on_tensor=on_tensor)
 
 
-def _write_gguf(req: QuantizeRequest, model: Model, unet_sf: StateDict, keep: KeepList) -> None:
+def _write_gguf(req: QuantizeRequest, model: Model, unet_sf: StateDict, keep: KeepList) -> float:
+    """Write the U-Net GGUF; returns the share of its weights stored quantized (the writer adds
+    ComfyUI-GGUF's own keep rules to ours, so its records are the truth)."""
     from sdcompress.quantize import gguf
 
     size = _smallest_size(sum(t.nbytes for t in unet_sf.values()), unet_sf, list(unet_sf), req.format)
     arch = gguf.arch_for_family(model.family)
     with atomic_file(req.output, overwrite=req.overwrite, size=size) as tmp:
         tensors = ((n, t.load()) for n, t in unet_sf.items())
-        gguf.write_gguf(Path(tmp), tensors, arch=arch, fmt=req.format, keep=keep.keeps)
+        records = gguf.write_gguf(Path(tmp), tensors, arch=arch, fmt=req.format, keep=keep.keeps)
+    total = sum(math.prod(r.shape) for r in records)
+    return sum(math.prod(r.shape) for r in records if r.quantized) / total if total else 0.0
 
 
 def _dequantized_unet(req: QuantizeRequest, model: Model) -> StateDict:
@@ -243,7 +248,7 @@ def quantize(
     quantized, conv = _fractions(unet_sf, keep)
     meta = Quantization(fmt.value, bits(fmt), quantized)
     if fmt.is_gguf:
-        _write_gguf(req, model, unet_sf, keep)
+        quantized = _write_gguf(req, model, unet_sf, keep)
         notes.append("GGUF holds the U-Net alone; load the VAE and text encoders from the source")
     else:
         _write_fp8(req, model, unet_sf, keep, meta, on_tensor)
