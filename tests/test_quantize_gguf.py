@@ -18,6 +18,7 @@ from sdcompress.quantize.gguf import (
     ORIG_SHAPE_KEY,
     arch_for_family,
     gguf_arch,
+    gguf_metadata,
     is_gguf,
     kept_by_reference,
     read_gguf,
@@ -204,6 +205,19 @@ def test_tiny_unet_round_trips_under_its_single_file_names(tmp_path):
         src = unet[key].load().float()
         assert t.shape == src.shape
         assert (t - src).abs().max() <= src.abs().max() / 127, key
+
+
+def test_metadata_names_the_format_bits_and_share(tmp_path):
+    import json
+
+    from sdcompress.quantize.describe import META_KEY
+
+    tensors = {"a.weight": torch.randn(96, 64), "b.weight": torch.randn(32, 64), "c.bias": torch.randn(64)}
+    path, _, _ = _write(tmp_path, QuantFormat.GGUF_Q4_0, tensors, keep=lambda n, t: n == "b.weight")
+    meta = json.loads(gguf_metadata(path)[META_KEY])
+    assert meta == {"format": "gguf-q4_0", "bits": 4.5, "quantized_fraction": 96 * 64 / (128 * 64 + 64)}
+    path, _, _ = _write(tmp_path, QuantFormat.GGUF_F16, tensors)
+    assert gguf_metadata(path) == {}  # nothing quantized
 
 
 def test_prefixed_names_are_read_without_the_prefix(tmp_path):

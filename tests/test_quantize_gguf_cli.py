@@ -14,6 +14,7 @@ gguf = pytest.importorskip("gguf")
 def test_quantize_gguf_q8_0_then_convert_dequantizes_it(cli, tmp_path):
     from sdcompress.checkpoint.keymap.unet import unet_to_single_file
     from sdcompress.checkpoint.resolve import load_model
+    from sdcompress.quantize.describe import of_model
 
     out = tmp_path / "unet-q8.gguf"
     r = cli("quantize", "tiny-sd", "-o", out, "--format", "gguf-q8_0", "--no-report")
@@ -35,10 +36,16 @@ def test_quantize_gguf_q8_0_then_convert_dequantizes_it(cli, tmp_path):
         x = t.load().float()
         assert (ours[name] - x).abs().max() <= x.abs().max() / 127, name
 
+    r = cli("info", out)
+    assert r.code == 0 and "gguf-q8_0, 8.5 bits" in " ".join(r.stdout.split()), r
+    r = cli("quantize", out, "-o", tmp_path / "again.gguf", "--format", "gguf-q4_0")
+    assert r.code == 2 and "already quantized (gguf-q8_0)" in r.stderr, r
+
     converted = tmp_path / "back.safetensors"
     r = cli("convert", out, "-o", converted)
     assert r.code == 0, r
     back = load_model(converted)
+    assert of_model(back) is None  # dequantized: fp16 again, no quantization recorded
     unet = unet_to_single_file(back.components["unet"], back.unet_layout)
     assert set(unet) == set(ours)
     for name, t in unet.items():

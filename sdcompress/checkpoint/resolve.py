@@ -122,7 +122,7 @@ def _load_path(path: Path, *, allow_pickle: bool, ema: bool, prediction_type: st
     if path.suffix.lower() in PICKLE_SUFFIXES:
         sd, metadata = _load_pickle(path, allow_pickle), {}
     elif path.suffix.lower() == ".gguf":
-        sd, metadata = _load_gguf(path), {}
+        sd, metadata = _load_gguf(path)
     else:
         from sdcompress.quantize.fp8 import quantized_view
 
@@ -131,11 +131,13 @@ def _load_path(path: Path, *, allow_pickle: bool, ema: bool, prediction_type: st
     return split_single_file(sd, path=path, metadata=metadata, ema=ema, prediction_type=prediction_type)
 
 
-def _load_gguf(path: Path) -> StateDict:
-    """A GGUF U-Net, dequantized into memory at fp16 (GGUF codes have no lazy float view)."""
-    from sdcompress.quantize.gguf import read_gguf
+def _load_gguf(path: Path) -> tuple[StateDict, dict[str, str]]:
+    """A GGUF U-Net, dequantized into memory at fp16 (GGUF codes have no lazy float view), and
+    what it holds (format, bits, share quantized) as the header entry `info` and the checks for
+    quantized inputs read."""
+    from sdcompress.quantize.gguf import gguf_metadata, read_gguf
 
-    return {k: LazyTensor.of(t.to(torch.float16)) for k, t in read_gguf(path)}
+    return {k: LazyTensor.of(t.to(torch.float16)) for k, t in read_gguf(path)}, gguf_metadata(path)
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> StateDict:

@@ -284,3 +284,27 @@ def read_gguf(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if not values.flags.writeable:
             values = values.copy()
         yield tensor.name.removeprefix(UNET_PREFIX), torch.from_numpy(values).reshape(shape).float()
+
+
+def gguf_metadata(path: Path) -> dict[str, str]:
+    """The header entry `info`, `merge` and `quantize` read to know a file is quantized (describe.py),
+    derived from a GGUF U-Net's tensor types: its commonest quantized type, that type's bits per
+    weight (block scales included), and the share of the U-Net's values stored quantized. Empty for a
+    file with no quantized tensor (F16/F32 only), which is no more quantized than an fp16 file.
+    """
+    from sdcompress.quantize.describe import META_KEY, Quantization
+
+    gguf = _gguf()
+    reader = _reader(gguf, Path(path))
+    total, by_type = 0, {}
+    for tensor in reader.tensors:
+        n = int(tensor.n_elements)
+        total += n
+        if tensor.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            by_type[tensor.tensor_type] = by_type.get(tensor.tensor_type, 0) + n
+    if not by_type:
+        return {}
+    main = max(by_type, key=by_type.__getitem__)
+    block, size = gguf.GGML_QUANT_SIZES[main]
+    q = Quantization(f"gguf-{main.name.lower()}", size * 8 / block, sum(by_type.values()) / total)
+    return {META_KEY: q.to_json()}
