@@ -1,4 +1,4 @@
-"""DoRA (`lora train --type dora`): written for LyCORIS/ComfyUI (`dora_scale`) and diffusers, baked like peft.
+"""DoRA (`lora train --algo dora`): written for LyCORIS/ComfyUI (`dora_scale`) and diffusers, baked like peft.
 
 The referees are the tools' own code: peft's `merge()` of the trained layers,
 diffusers' `load_lora_weights` of the PEFT file, LyCORIS's kohya reader of the
@@ -210,12 +210,12 @@ def test_merge_strength_moves_from_the_base_towards_the_dora_weight(dora):
 
 @pytest.mark.slow
 def test_lora_train_type_dora_end_to_end(cli, tmp_path):
-    """`lora train --type dora` trains peft's DoRA and writes both layouts with the magnitude."""
+    """`lora train --algo dora` trains peft's DoRA and writes both layouts with the magnitude."""
     from sdcompress.training.demo_data import write_demo_dataset
 
     data = write_demo_dataset(tmp_path / "shapes", 1, size=32)
     out = tmp_path / "dora"
-    args = ["lora", "train", "--model", "tiny-sd", "--data", str(data), "-o", str(out), "--type", "dora"]
+    args = ["lora", "train", "--model", "tiny-sd", "--data", str(data), "-o", str(out), "--algo", "dora"]
     args += ["--rank", "2", "--resolution", "32", "--max-steps", "1", "--cpu", "--format", "kohya,peft"]
     result = cli(*args)
     assert result.code == 0, result

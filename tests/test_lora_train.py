@@ -279,7 +279,7 @@ def test_rank_larger_than_a_layer_is_refused(cli, tmp_path, data):
 
 
 def test_unknown_type_and_targets_are_refused(cli, tmp_path, data):
-    assert "--type" in _bad(cli, tmp_path, data, "--type", "boft")
+    assert "--algo" in _bad(cli, tmp_path, data, "--algo", "boft")
     assert "--targets" in _bad(cli, tmp_path, data, "--targets", "everything")
 
 
@@ -369,7 +369,7 @@ def test_lora_resume_is_exact(tmp_path, data):
 def test_lycoris_type_with_a_peft_file_is_refused_before_training(cli, tmp_path, data):
     """No loader reads LoHa / LoKr tensors under PEFT names: the PEFT copy is refused, not written."""
     for fmt in ("peft", "kohya,peft"):
-        r = cli("lora", "train", "--model", "tiny-sd", "--data", data, "-o", tmp_path / "out", "--type", "loha",
+        r = cli("lora", "train", "--model", "tiny-sd", "--data", data, "-o", tmp_path / "out", "--algo", "loha",
                 "--format", fmt, "--max-steps", "1", "--cpu")  # fmt: skip
         assert r.code == 2 and "use --format kohya" in r.stderr and "Traceback" not in r.stderr, r
         assert not (tmp_path / "out").exists()

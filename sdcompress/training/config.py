@@ -463,7 +463,13 @@ class AdapterSpec:
     )
     type: AdapterType = field(
         default=AdapterType.LORA,
-        metadata=option("--type", f"Adapter type: {', '.join(AdapterType)}.", ADAPTER, choices=AdapterType),
+        metadata=option(
+            "--algo",
+            f"Adapter algorithm (LyCORIS's `algo`): {', '.join(AdapterType)}.",
+            ADAPTER,
+            choices=AdapterType,
+            aliases=("--type",),
+        ),
     )
     text_encoder: bool = field(
         default=False, metadata=option("--text-encoder", "Also adapt the text encoder(s).", ADAPTER)
