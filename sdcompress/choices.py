@@ -243,6 +243,7 @@ class EvalMetric(Choice):
     CLIP = "clip"
     FID = "fid"
 
+
 def _choice_of(hint: Any) -> type[Choice] | None:
     """The Choice in a field's type (`DType`, `DType | None`), if any."""
     options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
