@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,15 +30,22 @@ from pathlib import Path
 FORMATS = ["fp8", "fp8-e5m2", "fp8-scaled", "gguf-q8_0", "gguf-q4_0"]
 
 
+# A child forked from this (large) process counts this process's pages in its peak RSS until it
+# execs: the command is started from a small interpreter instead, which reports its child's peak.
+_WRAP = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+)
+
+
 def child(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds including sync, peak RSS GiB of the child)."""
+    """(wall seconds including sync, peak RSS GiB of the command alone)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True)
     subprocess.run(["sync"], check=True)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 2**20
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+    return time.perf_counter() - start, int(proc.stdout.split()[-1]) / 2**20
 
 
 def error_of(src: Path, out: Path, fmt: str) -> tuple[float, float]:

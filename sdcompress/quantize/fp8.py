@@ -42,9 +42,15 @@ class LayerRecord:
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round to fp8, saturating: a plain `.to()` turns values past the format's range into NaN."""
+    """Round to fp8, saturating: a plain `.to()` turns values past the format's range into NaN.
+
+    fp16/bf16/fp32 sources are clamped in their own dtype (both fp8 limits are exact there, and
+    rounding to fp8 from any of them is the same): no fp32 copy of an fp16 checkpoint's tensors.
+    """
     top = torch.finfo(dtype).max
-    return t.float().clamp(-top, top).to(dtype)
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        t = t.float()
+    return t.clamp(-top, top).to(dtype)
 
 
 def scale_of(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
