@@ -403,7 +403,8 @@ def step_train(r: Runner, command: str) -> dict[str, Any]:
     elif command == "finetune":
         config |= {"model": b["sd1"], "resolution": p.sd1_resolution}
     elif command == "dmd2-lora":  # student and fake score as LoRAs on SDXL: the one-GPU recipe
-        config |= {"model": b["sdxl"], "resolution": p.xl_resolution, "lora": 64, "fake_lora": 64}
+        rank = p.rank if p.tiny else 64  # the tiny model's layers are narrower than 64
+        config |= {"model": b["sdxl"], "resolution": p.xl_resolution, "lora": rank, "fake_lora": rank}
         config["mixed_precision"] = p.mixed["dmd2"]
     elif command == "dmd2-full":  # a full pruned student and a full fake score
         config |= {"model": b["sdxl"], "student": r.work / "ssd-1b", "resolution": p.xl_resolution}
