@@ -156,6 +156,7 @@ def test_budget_keeps_measured_layers_and_lowers_error(src, tmp_path):
     assert all(q[P + n].dtype == torch.float32 for n in r.kept_by_allocation)  # tiny-sd is fp32
     assert r.output_error is not None and 0 < r.output_error.relative < 0.2 and r.output_error.cosine > 0.98
     assert any(x.snr_db is not None and x.snr_db > 20 for x in r.layers)
+    assert any(x.sensitivity and x.sensitivity > 0 for x in r.layers)  # the --fast scores, per layer
 
 
 def _lora(path, sdxl_width=False):

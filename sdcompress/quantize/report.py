@@ -7,15 +7,15 @@ relative L2 error and cosine of the U-Net's prediction against the source's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.tensors import StateDict
 from sdcompress.prune.importance import PROMPTS, Calibration, PromptEmbeddings, calibration, encode, predict
+from sdcompress.quantize.roundtrip import snr_db
 
 SEED = 1234
 REPORT_SAMPLES = 4
@@ -42,18 +42,6 @@ class LayerReport:
     stored: str
     snr_db: float | None  # None: kept unquantized
     sensitivity: float | None = None  # output error with this layer alone quantized (when scored)
-
-
-@dataclass
-class QualityReport:
-    output: OutputError | None
-    samples: int
-    latent: int
-    layers: list[LayerReport] = field(default_factory=list)
-
-    def worst(self, n: int = 10) -> list[LayerReport]:
-        scored = [x for x in self.layers if x.snr_db is not None]
-        return sorted(scored, key=lambda x: x.snr_db if math.isfinite(x.snr_db) else 1e9)[:n]
 
 
 def embeddings(model: Model, n: int, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
@@ -114,7 +102,5 @@ def layer_snrs(
             out.append(LayerReport(name, str(lt.dtype).removeprefix("torch."), None))
             continue
         ref = lt.load().float()
-        from sdcompress.quantize.roundtrip import snr_db
-
         out.append(LayerReport(name, "", snr_db(ref, roundtrip(ref))))
     return out

@@ -121,8 +121,8 @@ def _unquantized_size(req: QuantizeRequest, model: Model, unet_sf: StateDict) ->
 def _allocate(
     req: QuantizeRequest, model: Model, unet_sf: StateDict, keep: KeepList, budget: int | None,
     progress: Progress | None,
-) -> tuple[KeepList, list[str], list[str]]:  # fmt: skip
-    """The keep-list plus the layers the measurement keeps; notes on how they were chosen."""
+) -> tuple[KeepList, list[str], list[str], dict[str, float]]:  # fmt: skip
+    """The keep-list plus the layers the measurement keeps; notes on how they were chosen; the scores."""
     from sdcompress.quantize import sensitivity
 
     fmt = req.format
@@ -144,7 +144,7 @@ def _allocate(
         f"allocation by {how}: kept {len(alloc.kept)} of {len(candidates)} quantizable layers, "
         f"estimated error {alloc.estimated_error:.3g}"
     ]
-    return keep.with_forced(alloc.kept), alloc.kept, notes
+    return keep.with_forced(alloc.kept), alloc.kept, notes, scores
 
 
 def _text_keep(name: str, t: LazyTensor) -> bool:
@@ -242,8 +242,9 @@ def quantize(
     unet_sf = unet_map.unet_to_single_file(model.components["unet"], model.unet_layout)
     keep = KeepList(tuple(req.keep))
     kept: list[str] = []
+    scores: dict[str, float] = {}
     if budget is not None or req.max_error is not None:
-        keep, kept, more = _allocate(req, model, unet_sf, keep, budget, progress)
+        keep, kept, more, scores = _allocate(req, model, unet_sf, keep, budget, progress)
         notes += more
     quantized, conv = _fractions(unet_sf, keep)
     meta = Quantization(fmt.value, bits(fmt), quantized)
@@ -282,6 +283,8 @@ def quantize(
     )
     if req.report:
         _add_report(result, req, model, unet_sf, keep)
+        for layer in result.layers:
+            layer.sensitivity = scores.get(layer.name)
     result.seconds = time.perf_counter() - start
     return result
 
