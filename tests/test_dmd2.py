@@ -225,6 +225,8 @@ def test_lora_student_with_fake_lora_and_gan(tmp_path, data_dir, recorded):
     assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
     kohya = StableDiffusionXLPipeline.from_pretrained(model.path)
     load_lora_file(kohya, out / "lora_kohya.safetensors")
+    adapted = sum(1 for _, m in kohya.unet.named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert adapted == len(read_lora(out / "lora_kohya.safetensors").adapters)  # every module consumed
     record = json.loads((out / RUN_RECORD).read_text())
     assert record["objective"] == "dmd2" and record["inference"]["timesteps"] == [999, 749, 499, 249]
     assert record["dmd2"]["teacher_guidance"] == 8.0 and record["inference"]["guidance_scale"] == 0.0
