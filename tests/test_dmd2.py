@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -286,7 +287,7 @@ def test_step_distilled_teacher_refused_with_advice(tmp_path, data_dir):
 # ---------------------------------------------------------------------------- the toy
 
 
-@pytest.mark.slow  # ~10-20 s per seed on an idle core
+@pytest.mark.slow  # 2-4 s per seed on one thread
 @pytest.mark.parametrize("seed", [0, 1])
 def test_toy_mixture_of_gaussians(seed):
     import importlib.util
@@ -294,6 +295,7 @@ def test_toy_mixture_of_gaussians(seed):
     path = Path(__file__).parents[1] / "benchmarks" / "dmd_toy.py"
     spec = importlib.util.spec_from_file_location("dmd_toy", path)
     toy = importlib.util.module_from_spec(spec)
+    sys.modules["dmd_toy"] = toy  # dataclasses resolve their module by name
     spec.loader.exec_module(toy)
     r = toy.run(seed=seed, steps=200)
     assert r.sw_ratio >= 5, r
