@@ -117,12 +117,19 @@ def test_old_python_names_in_toml_still_work_with_a_note(cli, recorded, tmp_path
     request = recorded[-1]
     assert request.format == "peft" and request.adapter.type == "lokr" and request.save_dtype == DType.FP32
     assert "'format_' is deprecated; write 'format'" in r.stderr
+    assert "'type_' is deprecated; write 'algo'" in r.stderr
 
 
 def test_old_save_dtype_flag_still_works_with_a_note(cli, recorded, tmp_path):
     r = cli(*BASE_ARGS["lora"], "--data", tmp_path, "-o", tmp_path / "o", "--save-dtype", "bf16")
     assert r.code == 2 and "recorded" in r.stderr, r
     assert recorded[-1].save_dtype == DType.BF16 and "--save-dtype is deprecated" in r.stderr
+
+
+def test_old_type_flag_still_works_with_a_note(cli, recorded, tmp_path):
+    r = cli(*BASE_ARGS["lora"], "--data", tmp_path, "-o", tmp_path / "o", "--type", "loha")
+    assert r.code == 2 and "recorded" in r.stderr, r
+    assert recorded[-1].adapter.type == "loha" and "--type is deprecated" in r.stderr
 
 
 def test_a_typo_in_a_toml_key_names_the_closest_key(cli, recorded, tmp_path):

@@ -249,8 +249,9 @@ def config_key(key: str, params: Sequence[_Param], path: Path) -> tuple[str, str
     if normal.rstrip("_") in real:  # the Python names of 0.x files: format_, type_, json_
         return normal.rstrip("_"), key
     aliases = {_key(a): p.key for p in real.values() for a in p.flag.aliases}
-    if normal in aliases:
-        return aliases[normal], key
+    for spelling in (normal, normal.rstrip("_")):  # an old flag's name, or its Python name (type_)
+        if spelling in aliases:
+            return aliases[spelling], key
     names = [p.argument or p.flag.name.lstrip("-") for p in real.values()]
     close = difflib.get_close_matches(key.replace("_", "-"), names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else "the keys are the option names, such as 'batch-size'."
