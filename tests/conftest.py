@@ -26,6 +26,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`, capped at 4: a worker holds its own tiny models and a full-size test can hold a
+    2 GB SD 1.5, so a many-core box would run out of memory long before it ran out of cores."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 class CliResult:
     def __init__(self, code: int, stdout: str, stderr: str):
         self.code, self.stdout, self.stderr = code, stdout, stderr
