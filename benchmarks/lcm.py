@@ -133,16 +133,28 @@ def samplers(teacher, student) -> dict[str, tuple]:
     LCMScheduler (what the student ships with) draws fresh noise between its steps, so its 4-step image
     is another sample of the distribution, not the end of the seed's own trajectory; TCD with gamma 0 is
     the deterministic multistep consistency sampler (each jump re-noised with the model's own noise
-    estimate), the one whose images can be compared seed by seed. DDIM's config default clips x0 to
-    [-1, 1], which is wrong for latents: off here, as in SD's own DDIM config.
+    estimate), the one whose images can be compared seed by seed. The teacher under LCMScheduler shows
+    what fresh noise alone does to a seed-by-seed score; under DDIM with trailing timesteps (the
+    consistency samplers' 999/759/499/259), what a better 4-step schedule alone does. DDIM's config
+    default clips x0 to [-1, 1], which is wrong for latents: off here, as in SD's own DDIM config.
     """
     import torch
-    from diffusers import DDIMScheduler, TCDScheduler
+    from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 
     own = type(teacher.scheduler).__name__.removesuffix("Scheduler")
     return {
         f"teacher 4 steps ({own})": (teacher, 4, {}),
         "teacher 4 steps (DDIM)": (with_scheduler(teacher, DDIMScheduler, clip_sample=False), 4, {}),
+        "teacher 4 steps (DDIM trailing)": (
+            with_scheduler(teacher, DDIMScheduler, clip_sample=False, timestep_spacing="trailing"),
+            4,
+            {},
+        ),
+        "teacher 4 steps (LCM)": (
+            with_scheduler(teacher, LCMScheduler, original_inference_steps=50),
+            4,
+            {"generator": torch.Generator().manual_seed(1234)},
+        ),
         "LCM student 4 steps (LCM)": (student, 4, {"generator": torch.Generator().manual_seed(1234)}),
         "LCM student 4 steps (TCD g=0)": (with_scheduler(student, TCDScheduler), 4, {"eta": 0.0}),
     }
