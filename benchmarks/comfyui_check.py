@@ -141,7 +141,13 @@ def check(sd_mod, family: str, work: Path, formats: list[str]) -> None:
     from sdcompress.services.quantize import QuantizeRequest, quantize
     from sdcompress.testing import cached_random_model
 
-    src = cached_random_model(family)
+    if family == "ssd-1b":  # the SSD-1B student cut from the random SDXL by `sdcompress prune` (streams)
+        from sdcompress.services.prune import PruneRequest, prune
+
+        src = work / "ssd-1b.safetensors"
+        prune(PruneRequest(str(cached_random_model("sdxl")), str(src), preset="ssd-1b", overwrite=True))
+    else:
+        src = cached_random_model(family)
     model = load_model(src)
     x, t, ctx, added = inputs(model)
     for fmt in formats:
@@ -150,7 +156,7 @@ def check(sd_mod, family: str, work: Path, formats: list[str]) -> None:
         mine, y = ours(out, x, t, ctx, added)
         detected, stored, theirs = comfy_out(sd_mod, out, x, t, ctx, y)
         rel = float((theirs.float() - mine).norm() / mine.norm())
-        print(f"{family:5} {fmt:11} ComfyUI detected {detected:8} to_q stored {stored:20} "
+        print(f"{family:6} {fmt:11} ComfyUI detected {detected:8} to_q stored {stored:20} "
               f"output vs ours: relative {rel:.2e}")  # fmt: skip
         if fmt == "fp8-scaled":
             legacy, _ = ours(out, x, t, ctx, added, legacy=True)
@@ -162,7 +168,7 @@ def check(sd_mod, family: str, work: Path, formats: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout")
-    ap.add_argument("--family", action="append", choices=["sd1", "sdxl"])
+    ap.add_argument("--family", action="append", choices=["sd1", "sdxl", "ssd-1b"])
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--formats", default="fp8,fp8-scaled")
     args = ap.parse_args()
