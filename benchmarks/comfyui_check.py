@@ -145,7 +145,11 @@ def check(sd_mod, family: str, work: Path, formats: list[str]) -> None:
         from sdcompress.services.prune import PruneRequest, prune
 
         src = work / "ssd-1b.safetensors"
-        prune(PruneRequest(str(cached_random_model("sdxl")), str(src), preset="ssd-1b", overwrite=True))
+        prune(
+            PruneRequest(
+                str(cached_random_model("sdxl")), str(src), preset="ssd-1b", select="uniform", overwrite=True
+            )
+        )
     else:
         src = cached_random_model(family)
     model = load_model(src)
