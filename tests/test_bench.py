@@ -128,3 +128,31 @@ def test_bad_input(cli, args, message):
     r = cli("bench", *args)
     assert r.code == 2, r
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_few_step_student_is_benched_as_its_run_record_says(student, tmp_path):
+    """A DMD2 student's record says 4 steps without guidance: one U-Net batch per step, 4 steps an image."""
+    import shutil
+
+    from sdcompress.hub.lineage import RUN_RECORD
+    from sdcompress.services.bench import BenchRequest, bench
+
+    dmd = tmp_path / "dmd2-student"
+    shutil.copytree(student, dmd)
+    inference = {
+        "steps": 4,
+        "timesteps": [999, 749, 499, 249],
+        "sampler": "LCMScheduler",
+        "guidance_scale": 0.0,
+    }
+    (dmd / RUN_RECORD).write_text(
+        json.dumps({"command": "distill", "inference": inference}), encoding="utf-8"
+    )
+    req = BenchRequest(
+        models=[str(student), str(dmd)], batch_sizes=(1,), resolution=16, steps=1, warmup=0, device="cpu"
+    )
+    plain, few = bench(req).models
+    assert (plain.image_steps, plain.cfg, plain.results[0].unet_batch) == (50, True, 2)
+    assert (few.image_steps, few.cfg, few.results[0].unet_batch) == (4, False, 1)
+    (dmd / RUN_RECORD).write_text("{not json", encoding="utf-8")  # a broken record is no record
+    assert bench(req).models[1].image_steps == 50
