@@ -73,6 +73,12 @@ def run_record_file(record: dict[str, Any]) -> dict[str, str]:
     return {RUN_RECORD: json.dumps(record, indent=2, default=str) + "\n"}
 
 
+def write_run_record(folder: Path, record: dict[str, Any]) -> None:
+    """Write the record into an output folder being filled (for outputs no model writer saves)."""
+    for name, text in run_record_file(record).items():
+        (folder / name).write_text(text, encoding="utf-8")
+
+
 @dataclass
 class Lineage:
     prune: dict[str, Any] | None = None

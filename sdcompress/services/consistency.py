@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdcompress.errors import SdcError
-from sdcompress.hub.lineage import run_record, run_record_file
+from sdcompress.hub.lineage import run_record, run_record_file, write_run_record
 from sdcompress.training.config import AdapterSpec, ConsistencyConfig
 from sdcompress.training.lcm_task import LcmTask
 from sdcompress.training.task import DiffusionParts, TrainingSummary
@@ -93,27 +93,21 @@ def lcm_task(
         unet_config["time_cond_proj_dim"] = parts.unet.config.time_cond_proj_dim
 
     def save(task: LcmTask, out: Path, summary: TrainingSummary) -> None:
-        record = run_record(
-            "distill",
-            family=teacher.family.name,
-            preset=None,
-            summary=summary,
-            teacher=request.teacher,
-            student=request.student or request.teacher,
-            objective="lcm",
+        record = few_step_record(
+            request,
+            teacher,
+            summary,
+            "lcm",
+            prediction,
             consistency=asdict(config),
-            prediction_type=prediction,
-            teacher_prediction_type=teacher.prediction_type,
             lora_file=LORA_FILE if spec is not None else None,
-            **({"stages": list(request.stages)} if request.stages else {}),
         )
         if spec is not None:
             meta = _lora_metadata(request, teacher, spec, summary, prediction, resolution)
             _save_lora(task, out, teacher, student, meta, save_dtype)
-            for name, text in run_record_file(record).items():
-                (out / name).write_text(text, encoding="utf-8")
+            write_run_record(out, record)
         else:
-            _save_pipeline(task, out, teacher, unet_config, scheduler_config, record, save_dtype)
+            save_student_pipeline(task, out, teacher, unet_config, scheduler_config, record, save_dtype)
 
     return LcmTask(
         parts,
@@ -133,7 +127,27 @@ def _scheduler(config: dict[str, Any]):
     return LCMScheduler.from_config(config)
 
 
-def _save_pipeline(task, out, teacher, unet_config, scheduler_config, record, dtype) -> None:
+def few_step_record(
+    request, teacher, summary: TrainingSummary, objective: str, prediction: str, **fields
+) -> dict:
+    """The run record of a few-step student (LCM, DMD2): what distill records, plus the objective's own fields."""
+    return run_record(
+        "distill",
+        family=teacher.family.name,
+        preset=None,
+        summary=summary,
+        teacher=request.teacher,
+        student=request.student or request.teacher,
+        objective=objective,
+        **fields,
+        prediction_type=prediction,
+        teacher_prediction_type=teacher.prediction_type,
+        **({"stages": list(request.stages)} if request.stages else {}),
+    )
+
+
+def save_student_pipeline(task, out, teacher, unet_config, scheduler_config, record, dtype) -> None:
+    """The trained U-Net in the teacher's pipeline, with the few-step scheduler and the run record."""
     from sdcompress.checkpoint.tensors import lazy_state_dict
     from sdcompress.checkpoint.writers import save_diffusers
 

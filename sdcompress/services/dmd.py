@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdcompress.errors import SdcError
-from sdcompress.hub.lineage import run_record, run_record_file
+from sdcompress.hub.lineage import write_run_record
+from sdcompress.services.consistency import few_step_record, save_student_pipeline
 from sdcompress.services.lora_train import PEFT_FILE
 from sdcompress.training.config import AdapterSpec
 from sdcompress.training.dmd_task import Dmd2Task
@@ -134,31 +135,23 @@ def dmd2_task(
     }
 
     def save(task: Dmd2Task, out: Path, summary: TrainingSummary) -> None:
-        record = run_record(
-            "distill",
-            family=teacher.family.name,
-            preset=None,
-            summary=summary,
-            teacher=request.teacher,
-            student=request.student or request.teacher,
-            objective="dmd2",
+        record = few_step_record(
+            request,
+            teacher,
+            summary,
+            "dmd2",
+            prediction,
             dmd2=asdict(config) | {"teacher_guidance": guidance},
             inference=inference,
-            prediction_type=prediction,
-            teacher_prediction_type=teacher.prediction_type,
             lora_files=[KOHYA_FILE, PEFT_FILE] if spec is not None else None,
-            **({"stages": list(request.stages)} if request.stages else {}),
         )
         if spec is None:
-            from sdcompress.services.consistency import _save_pipeline
-
             unet_config = dict(student.configs["unet"])
-            _save_pipeline(task, out, teacher, unet_config, sched_config, record, save_dtype)
+            save_student_pipeline(task, out, teacher, unet_config, sched_config, record, save_dtype)
             return
         _save_lora(request, task, out, teacher, student, spec, summary, prediction, resolution, save_dtype)
         _write_scheduler(out, sched_config)
-        for name, text in run_record_file(record).items():
-            (out / name).write_text(text, encoding="utf-8")
+        write_run_record(out, record)
 
     return Dmd2Task(
         parts,

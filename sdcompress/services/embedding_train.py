@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sdcompress.checkpoint.atomic import check_output
 from sdcompress.checkpoint.embedding_files import write_a1111, write_diffusers_files
-from sdcompress.hub.lineage import run_record_file
+from sdcompress.hub.lineage import write_run_record
 from sdcompress.services.finetune import (
     TrainingRunResult,
     base_record,
@@ -77,8 +77,7 @@ def embedding_train(
             "embedding": {**asdict(spec), "vectors": task.count, "token_names": task.names},
             "files": [f.name for f in files],
         }
-        for name, text in run_record_file(record).items():
-            (out / name).write_text(text, encoding="utf-8")
+        write_run_record(out, record)
         written[:] = [output / f.name for f in files]
 
     task = EmbeddingTask(build_parts(model), request.loss, spec, saver=save)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sdcompress.checkpoint.atomic import check_output
-from sdcompress.hub.lineage import run_record_file
+from sdcompress.hub.lineage import write_run_record
 from sdcompress.services.finetune import (
     TrainingRunResult,
     base_record,
@@ -68,8 +68,7 @@ def hypernetwork_train(
             "adapted_attention_layers": task.adapted_layers(),
             "files": [f"{stem}.pt"],
         }
-        for name, text in run_record_file(record).items():
-            (out / name).write_text(text, encoding="utf-8")
+        write_run_record(out, record)
         written[:] = [output / f"{stem}.pt"]
 
     task = HypernetworkTask(

@@ -24,7 +24,7 @@ from sdcompress.checkpoint.model import Model
 from sdcompress.checkpoint.safetensors_io import write_safetensors
 from sdcompress.checkpoint.tensors import LazyTensor, StateDict
 from sdcompress.errors import SdcError
-from sdcompress.hub.lineage import run_record_file
+from sdcompress.hub.lineage import write_run_record
 from sdcompress.lowrank.layouts import (
     KOHYA,
     PEFT,
@@ -277,8 +277,7 @@ def lora_train(request: LoraTrainRequest, progress: ProgressCallback | None = No
             ),
             "files": [f.name for f in files],
         }
-        for name, text in run_record_file(record).items():
-            (out / name).write_text(text, encoding="utf-8")
+        write_run_record(out, record)
         written[:] = [output / f.name for f in files]
 
     task = LoraTrainTask(
