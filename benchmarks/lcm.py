@@ -32,10 +32,12 @@ PROMPTS = ("a red circle on a blue background", "a green square", "a yellow tria
 SEEDS = (0, 1)
 
 
-def train_teacher(work: Path, data: Path, steps: int, resolution: int, lr: float) -> str:
-    """tiny-sd fine-tuned on the shapes data, so that its ODE carries somewhere (0 steps: random weights)."""
+def train_teacher(
+    work: Path, data: Path, steps: int, resolution: int, lr: float, model: str = "tiny-sd"
+) -> str:
+    """`model` fine-tuned on the shapes data, so that its ODE carries somewhere (0 steps: random weights)."""
     if steps == 0:
-        return "tiny-sd"
+        return model
     from sdcompress.services.finetune import FinetuneRequest, finetune
     from sdcompress.training.data import DataConfig
     from sdcompress.training.engine import TrainConfig
@@ -44,7 +46,7 @@ def train_teacher(work: Path, data: Path, steps: int, resolution: int, lr: float
     started = time.perf_counter()
     result = finetune(
         FinetuneRequest(
-            model="tiny-sd",
+            model=model,
             output=out,
             data=DataConfig(data_dir=data, resolution=resolution),
             train=TrainConfig(
@@ -59,7 +61,7 @@ def train_teacher(work: Path, data: Path, steps: int, resolution: int, lr: float
         )
     )
     print(
-        f"teacher: fine-tuned tiny-sd {result.steps} steps in {time.perf_counter() - started:.0f} s; "
+        f"teacher: fine-tuned {model} {result.steps} steps in {time.perf_counter() - started:.0f} s; "
         f"loss {result.first_losses['loss']:.4g} -> {result.last_losses['loss']:.4g}"
     )
     return str(out)

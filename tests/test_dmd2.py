@@ -176,7 +176,12 @@ def recorded(monkeypatch):
             self.student_base = _digest(self.parts.unet, lambda n: not _is_adapter(n))
             self.student_adapters = _digest(self.parts.unet, _is_adapter)
             self.fake_adapters = _digest(self.fake, _is_adapter)
+            self.encode_calls = 0
             tasks.append(self)
+
+        def encode(self, batch):
+            self.encode_calls += 1
+            return super().encode(batch)
 
     monkeypatch.setattr(dmd_service, "Dmd2Task", Recording)
     return tasks
@@ -203,6 +208,7 @@ def test_lora_student_with_fake_lora_and_gan(tmp_path, data_dir, recorded):
     )
     assert all(torch.isfinite(torch.tensor(v)) for v in result.last_losses.values())
     assert task.fake_loss_calls == 2  # --fake-updates 2, grad-accum 1: two per student update
+    assert task.encode_calls == 1  # the step's batch is encoded once for its 2 fake updates and the student's
     assert _digest(task.teacher, lambda n: not _is_adapter(n)) == task.teacher_base
     assert _digest(task.parts.unet, lambda n: not _is_adapter(n)) == task.student_base
     assert _digest(task.parts.unet, _is_adapter) != task.student_adapters

@@ -172,6 +172,7 @@ class Dmd2Task(DiffusionTask):
         self._student_taps = FeatureTaps(parts.unet, [p.student for p in self.kd_pairs], detach=False)
         self._teacher_taps = FeatureTaps(self.teacher, [p.teacher for p in self.kd_pairs], detach=True)
         self._uncond: Conditioning | None = None
+        self._encoded: dict[int, tuple[dict[str, Any], tuple]] = {}  # id(batch) -> (batch, _inputs)
         self.fake_loss_calls = 0
 
     def _keep_mid(self, module, inputs, output) -> None:
@@ -280,9 +281,20 @@ class Dmd2Task(DiffusionTask):
         return torch.randint(low, high + 1, (size,), generator=generator, device=self.device)
 
     def _inputs(self, batch: dict[str, Any]):
+        """The batch's latents, text conditions and SDXL added conditions, computed once per micro-batch.
+
+        The engine hands every fake-score update of a step and then the student update the same batch;
+        the frozen VAE (its latent mode) and text encoders would give the same tensors `fake_updates + 1`
+        times. The student update is a batch's last use: `compute_loss` drops the entry.
+        """
+        hit = self._encoded.get(id(batch))
+        if hit is not None and hit[0] is batch:  # the batch itself is held, so its id is not reused
+            return hit[1]
         latents = self.latents(batch)
         cond = self.encode(batch)
         added = unet_added_conditions(cond, batch, self.device, torch.float32)
+        if not self.train_text_encoders:  # trained encoders: each backward needs its own graph
+            self._encoded[id(batch)] = (batch, (latents, cond, added))
         return latents, cond, added
 
     def real_x0(self, x, t, cond, added, batch) -> torch.Tensor:
@@ -313,6 +325,7 @@ class Dmd2Task(DiffusionTask):
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The student's update: distribution matching, plus the GAN generator term and feature KD if on."""
         latents, cond, added = self._inputs(batch)
+        self._encoded.pop(id(batch), None)
         x = self.generate(latents.shape, cond, added, generator)
         size = x.shape[0]
         t = self._dm_timesteps(size, generator)
