@@ -234,6 +234,7 @@ class Sampler(Choice):
     EULER = "euler"
     DPM = "dpm++"
     LCM = "lcm"
+    TCD = "tcd"  # on a few-step student's LCM config, deterministic (gamma 0): scorable seed by seed
 
 
 class EvalMetric(Choice):

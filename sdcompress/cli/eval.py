@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,7 +15,7 @@ from sdcompress.errors import SdcError
 from sdcompress.evaluation.protocol import DEFAULT_CLIP_MODEL, FID_RESOLUTION
 
 if TYPE_CHECKING:  # the service imports torch: the CLI loads it only when the command runs
-    from sdcompress.services.eval import EvalResult
+    from sdcompress.services.eval import EvalResult, ModelEval
 
 
 def _metrics(text: str) -> tuple[EvalMetric, ...]:
@@ -32,30 +33,48 @@ def _fmt(value: object, spec: str) -> str:
     return format(value, spec)
 
 
+def _sampling(m: ModelEval) -> str:
+    """`4 x LCM, g 0`: steps, scheduler class (without "Scheduler") and guidance of one model."""
+    if m.steps is None:
+        return "-"
+    return f"{m.steps} x {(m.scheduler or '').removesuffix('Scheduler')}, g {m.guidance:g}"
+
+
 def _render(result: EvalResult) -> None:
-    rows = []
-    for m in result.models:
-        a = m.agreement or {}
-        rows.append(
-            (
-                m.ref + (" (teacher)" if m.teacher else ""),
-                m.preset or m.family,
-                _fmt(a.get("latent_mse"), ".4g"),
-                _fmt(a.get("psnr"), ".2f"),
-                _fmt(a.get("ssim"), ".4f"),
-                _fmt(m.clip_score, ".4f"),
-                _fmt(m.fid, ".2f"),
-                _fmt(m.seconds_per_image, ".3g"),
-                f"{m.generated}/{m.cached}",
-            )
+    """One row per model; CLIP, FID and bench columns only when some model has a figure for them."""
+    columns: list[tuple[str, Callable[[ModelEval], str]]] = [
+        ("latent MSE", lambda m: _fmt((m.agreement or {}).get("latent_mse"), ".4g")),
+        ("PSNR dB", lambda m: _fmt((m.agreement or {}).get("psnr"), ".2f")),
+        ("SSIM", lambda m: _fmt((m.agreement or {}).get("ssim"), ".4f")),
+        ("CLIP", lambda m: _fmt(m.clip_score, ".4f")),
+        ("FID", lambda m: _fmt(m.fid, ".2f")),
+        ("s/img", lambda m: _fmt(m.render_seconds_per_image, ".3g")),
+        ("bench s/img", lambda m: _fmt(m.seconds_per_image, ".3g")),
+    ]
+    optional = {"CLIP": "clip_score", "FID": "fid", "bench s/img": "seconds_per_image"}
+    columns = [
+        (name, cell)
+        for name, cell in columns
+        if name not in optional or any(getattr(m, optional[name]) is not None for m in result.models)
+    ]
+    rows = [
+        (
+            m.ref + (" (teacher)" if m.teacher else ""),
+            m.preset or m.family,
+            _sampling(m),
+            *(cell(m) for _, cell in columns),
+            f"{m.generated}/{m.cached}",
         )
+        for m in result.models
+    ]
     settings = result.settings
+    numbers = [name for name, _ in columns]
     table(
-        f"{result.prompts} prompts, {settings['steps']} steps, guidance {settings['guidance']}, "
-        f"{settings['scheduler']} scheduler, {settings['dtype']} on {settings['device']}",
-        ["model", "preset", "latent MSE", "PSNR dB", "SSIM", "CLIP", "FID", "s/img", "new/cached"],
+        f"{result.prompts} prompts, {settings['dtype']} on {settings['device']} "
+        "(s/img: this pipeline, prompt to decoded image)",
+        ["model", "preset", "sampling", *numbers, "new/cached"],
         rows,
-        right=["latent MSE", "PSNR dB", "SSIM", "CLIP", "FID", "s/img", "new/cached"],
+        right=[*numbers, "new/cached"],
     )
     for n in result.notes:
         note(n)
@@ -67,14 +86,22 @@ def _render(result: EvalResult) -> None:
 
 def default_output(models: list[str]) -> Path:
     """MODEL.eval beside the first model when it is a path (where `push` finds it), else ./eval."""
-    first = Path(models[0]).expanduser() if models else None
+    from sdcompress.evaluation.sampling import parse_model_spec
+
+    first = Path(parse_model_spec(models[0]).ref).expanduser() if models else None
     if first is not None and first.exists():
         return first.with_name(first.name + ".eval")
     return Path("eval")
 
 
 def eval_models(
-    models: Annotated[list[str], typer.Argument(help="Models to score (folders, files, hub ids, tiny-sd).")],
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Models to score (folders, files, hub ids, tiny-sd); MODEL@steps=4,guidance=0,scheduler=tcd "
+            "sets one model's sampling (any of the keys; beats its run record and the flags)."
+        ),
+    ],
     prompts: Annotated[
         str,
         typer.Option(
@@ -84,7 +111,8 @@ def eval_models(
     teacher: Annotated[
         str | None,
         typer.Option(
-            "--teacher", help="The reference model; rendered too, listed first. Needed for agreement."
+            "--teacher",
+            help="The reference model; rendered too, listed first. Needed for agreement. REF@steps=50 works here too.",
         ),
     ] = None,
     output: Annotated[
@@ -99,10 +127,27 @@ def eval_models(
         Path | None,
         typer.Option("--coco-captions", help="COCO's captions_val2014.json, for --prompts coco:N."),
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Denoising steps per image.")] = 25,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps",
+            help="Denoising steps for the teacher and every model without its own (a run record's, LCM's 4).",
+        ),
+    ] = 25,
+    guidance: Annotated[
+        float,
+        typer.Option(
+            "--guidance",
+            help="Classifier-free guidance scale for models without a recorded one (an LCM student takes "
+            "it through its guidance embedding).",
+        ),
+    ] = 7.5,
     scheduler: Annotated[
-        Sampler, typer.Option("--scheduler", help="Scheduler for every model (model: each model's own).")
+        Sampler,
+        typer.Option(
+            "--scheduler",
+            help="Scheduler for models without their own sampling (model: each model's own scheduler).",
+        ),
     ] = Sampler.MODEL,
     resolution: Annotated[
         int | None, typer.Option("--resolution", help="Image size in pixels (default: the family's).")

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from sdcompress.checkpoint.model import Model
+from sdcompress.checkpoint.sampling import OwnSampling, own_sampling
 from sdcompress.choices import Sampler
 from sdcompress.errors import SdcError
 from sdcompress.evaluation.generation_cache import GenerationSettings, ModelCache, path_fingerprint
@@ -28,6 +29,7 @@ SCHEDULER_CLASSES = {
     Sampler.EULER: "EulerDiscreteScheduler",
     Sampler.DPM: "DPMSolverMultistepScheduler",
     Sampler.LCM: "LCMScheduler",
+    Sampler.TCD: "TCDScheduler",
 }
 
 
@@ -39,6 +41,7 @@ class Candidate:
     model: Model
     fingerprint: str
     borrowed: bool  # components other than the U-Net come from the teacher
+    own: OwnSampling = field(default_factory=OwnSampling)  # how the model itself says it is sampled
 
 
 def candidate(ref: str, teacher: Model | None, allow_pickle: bool = False) -> Candidate:
@@ -47,8 +50,9 @@ def candidate(ref: str, teacher: Model | None, allow_pickle: bool = False) -> Ca
 
     model = load_model(ref, allow_pickle=allow_pickle)
     fingerprint = path_fingerprint(model.path, model.ref)
+    own = own_sampling(model.path, model.configs.get("scheduler", {}).get("_class_name"))
     if not model.unet_only:
-        return Candidate(ref=ref, model=model, fingerprint=fingerprint, borrowed=False)
+        return Candidate(ref=ref, model=model, fingerprint=fingerprint, borrowed=False, own=own)
     if teacher is None:
         raise SdcError(f"{ref} holds only a U-Net; give --teacher so its VAE and text encoders can be used.")
     if teacher.family.topology != model.family.topology:
@@ -58,19 +62,43 @@ def candidate(ref: str, teacher: Model | None, allow_pickle: bool = False) -> Ca
         )
     combined = teacher.with_unet(model.components["unet"], model.configs["unet"], ref=model.ref)
     teacher_print = path_fingerprint(teacher.path, teacher.ref)
-    return Candidate(ref=ref, model=combined, fingerprint=fingerprint + teacher_print, borrowed=True)
+    return Candidate(ref=ref, model=combined, fingerprint=fingerprint + teacher_print, borrowed=True, own=own)
+
+
+def scheduler_for(config: dict[str, Any], sampler: Sampler) -> Any:
+    """The scheduler images are rendered with: the one `config` describes, or `sampler`'s class on it."""
+    import diffusers
+
+    name = config["_class_name"] if sampler == Sampler.MODEL else SCHEDULER_CLASSES[sampler]
+    return getattr(diffusers, name).from_config(config)
+
+
+def planned_timesteps(
+    config: dict[str, Any], sampler: Sampler, steps: int, ref: str
+) -> tuple[str, list[int]]:
+    """The scheduler class and the timesteps `steps` steps visit, as the pipeline will set them.
+
+    Computed from the config alone (no weights), so a cached model reports them too, and a step count
+    the scheduler cannot sample (LCM beyond its grid) is one sentence before anything is rendered.
+    """
+    scheduler = scheduler_for(config, sampler)
+    try:
+        scheduler.set_timesteps(steps)
+    except ValueError as e:
+        raise SdcError(
+            f"{ref}: its {type(scheduler).__name__} cannot sample {steps} steps ({e}); give fewer, "
+            f"e.g. {ref}@steps=4."
+        ) from None
+    return type(scheduler).__name__, [int(t) for t in scheduler.timesteps]
 
 
 def build_pipeline(model: Model, sampler: Sampler, dtype: torch.dtype, device: torch.device) -> Any:
     """The model's diffusers pipeline on `device`, with the chosen scheduler and a VAE that decodes safely."""
-    import diffusers
-
     from sdcompress.checkpoint.instantiate import build_pipeline as build
 
     pipe = build(model, dtype=dtype, device=str(device))
     if sampler != Sampler.MODEL:
-        cls = getattr(diffusers, SCHEDULER_CLASSES[sampler])
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_for(pipe.scheduler.config, sampler)
     if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     pipe.set_progress_bar_config(disable=True)
@@ -115,12 +143,16 @@ def fill_cache(
 
     Returns how many images were generated and the seconds the pipeline calls
     took (loading and writing excluded). The pipeline is built only when
-    something is missing, so a fully cached model costs no load at all.
+    something is missing, so a fully cached model costs no load at all. One
+    untimed one-step image warms the pipeline first: the first call pays for
+    lazy initialisation, and the first model rendered (the teacher) would
+    otherwise carry the process's too.
     """
     todo = cache.missing(pairs)
     if not todo:
         return 0, 0.0
     pipe = pipe_factory()
+    render(pipe, [todo[0][0]], [todo[0][1]], replace(cache.settings, steps=1))
     seconds = 0.0
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]

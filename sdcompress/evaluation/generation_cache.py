@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from sdcompress.checkpoint.atomic import atomic_file
 
 SETTINGS_FILE = "settings.json"
+TIMING_FILE = "timing.json"  # pipeline seconds and images rendered into the folder, over all runs
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,31 @@ class ModelCache:
             save_file({"latent": latent.detach().float().cpu().contiguous()}, str(tmp))
         with atomic_file(png, overwrite=True) as tmp:
             Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
+
+    def add_timing(self, seconds: float, images: int) -> None:
+        """Add one run's pipeline seconds for `images` new images to the folder's totals.
+
+        Kept beside the images so a rerun that renders nothing still reports the model's seconds per
+        image (same settings, dtype and device type: the folder's key says so).
+        """
+        total, count = self._timing()
+        with atomic_file(self.folder / TIMING_FILE, overwrite=True) as tmp:
+            tmp.write_text(
+                json.dumps({"seconds": total + seconds, "images": count + images}), encoding="utf-8"
+            )
+
+    def seconds_per_image(self) -> float | None:
+        """Pipeline seconds per image over every image rendered into this folder (None: none timed)."""
+        total, count = self._timing()
+        return total / count if count else None
+
+    def _timing(self) -> tuple[float, int]:
+        try:
+            data = json.loads((self.folder / TIMING_FILE).read_text(encoding="utf-8"))
+            seconds, images = float(data["seconds"]), int(data["images"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0, 0  # no timing yet, or an unreadable one: timed afresh
+        return (seconds, images) if seconds >= 0 and images > 0 else (0.0, 0)
 
     def get(self, prompt: str, seed: int) -> CachedItem:
         png, latent_path = self._paths(prompt, seed)

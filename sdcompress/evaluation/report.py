@@ -21,10 +21,18 @@ def write_grid(path: Path, caches: list[ModelCache], evals: list[Any], pairs: li
             with Image.open(cache.image_path(*pair)) as im:
                 row.append(im.convert("RGB"))
         rows.append(row)
-    grid = comparison_grid(rows, [p for p, _ in pairs], [e.ref for e in evals])
+    grid = comparison_grid(rows, [p for p, _ in pairs], [grid_label(e) for e in evals])
     with atomic_file(path, overwrite=True) as tmp:
         grid.save(tmp, format="PNG")
     return path
+
+
+def grid_label(e: Any) -> str:
+    """The model's name, then how it was sampled: `4 steps, g 0, LCM` (scheduler class sans "Scheduler")."""
+    if e.steps is None:
+        return e.ref
+    scheduler = (e.scheduler or "").removesuffix("Scheduler")
+    return f"{e.ref}\n{e.steps} steps, g {e.guidance:g}, {scheduler}"
 
 
 def plot_score(e: Any) -> tuple[str, float | None]:

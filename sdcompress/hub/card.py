@@ -330,9 +330,12 @@ def _cell(value: Any, spec: str) -> str:
 def _eval_section(evaluation: dict[str, Any]) -> list[str]:
     """`sdcompress eval`'s table: agreement with the teacher, CLIP score and FID per model."""
     settings = evaluation.get("settings") if isinstance(evaluation.get("settings"), dict) else {}
-    how = ", ".join(
-        f"{k} {settings[k]}" for k in ("steps", "guidance", "scheduler", "seed", "dtype") if k in settings
-    )
+    models = [m for m in evaluation.get("models", []) if isinstance(m, dict)]
+    # eval records each model's own sampling (a few-step student's differs from the teacher's): shown
+    # beside its name then, the command's flags otherwise
+    per_model = any(isinstance(m.get("steps"), int) for m in models)
+    keys = ("seed", "dtype") if per_model else ("steps", "guidance", "scheduler", "seed", "dtype")
+    how = ", ".join(f"{k} {settings[k]}" for k in keys if k in settings)
     lines = [
         "## Evaluation",
         "",
@@ -342,11 +345,11 @@ def _eval_section(evaluation: dict[str, Any]) -> list[str]:
         "| model | latent MSE | PSNR (dB) | SSIM | CLIP score | FID |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for m in evaluation.get("models", []):
-        if not isinstance(m, dict):
-            continue
+    for m in models:
         a = m.get("agreement") if isinstance(m.get("agreement"), dict) else {}
         name = f"`{m.get('ref', '?')}`" + (" (teacher)" if m.get("teacher") else "")
+        if isinstance(m.get("steps"), int):
+            name += f", {m['steps']} steps, guidance {m.get('guidance')}, {m.get('scheduler')}"
         cells = [
             _cell(a.get("latent_mse"), ".4g"),
             _cell(a.get("psnr"), ".2f"),

@@ -18,7 +18,6 @@ the target device in the target dtype, so SDXL in fp16 needs no fp32 copy.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import threading
 import time
@@ -32,6 +31,7 @@ import torch
 from sdcompress.arch.families import FAMILIES, Config, Family, find_family, get_family
 from sdcompress.arch.presets import PRESETS, get_preset, preset_for_family
 from sdcompress.checkpoint.model import Model, disk_size
+from sdcompress.checkpoint.sampling import PIPELINE_STEPS, OwnSampling, own_sampling
 from sdcompress.choices import DType, parse_choices, resolve_dtype
 from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
@@ -125,43 +125,18 @@ class _Subject:
     unet_factory: Callable[[torch.device, torch.dtype], torch.nn.Module]
     scheduler: str | None = None  # the scheduler class a model ships with (None: an architecture)
     quantized: str | None = None  # a quantized file's format (its fp8 weights are cast up per layer)
-    inference: dict[str, Any] = field(default_factory=dict)  # how its training run says to sample it
-
-
-# Steps an image takes when nothing else is known: diffusers' pipeline default, and for a model shipped
-# with LCMScheduler (a few-step student) the 4 steps LCM models are used at.
-PIPELINE_STEPS = 50
-FEW_STEP_SCHEDULERS = {"LCMScheduler": 4}
+    sampling: OwnSampling = field(default_factory=OwnSampling)  # how the model says it is sampled
 
 
 def default_image_steps(subject: _Subject) -> int:
     """The steps its run record gives (a DMD2 student: the trained ones), else by its scheduler."""
-    steps = subject.inference.get("steps")
-    if isinstance(steps, int) and steps > 0:
-        return steps
-    return FEW_STEP_SCHEDULERS.get(subject.scheduler or "", PIPELINE_STEPS)
+    return subject.sampling.steps or PIPELINE_STEPS
 
 
 def uses_cfg(subject: _Subject, req: BenchRequest) -> bool:
     """One U-Net batch, not two, for a U-Net guided by its guidance-scale embedding (an LCM) or one
     its run record says to sample without guidance (a DMD2 student: guidance is in its weights)."""
-    guidance = subject.inference.get("guidance_scale")
-    unguided = isinstance(guidance, int | float) and guidance <= 1
-    return req.cfg and not subject.config.get("time_cond_proj_dim") and not unguided
-
-
-def _recorded_inference(path: Path | None) -> dict[str, Any]:
-    """`inference` of the `sdcompress_run.json` beside a model we trained (empty when there is none)."""
-    from sdcompress.hub.lineage import RUN_RECORD
-
-    if path is None or not (Path(path) / RUN_RECORD).is_file():
-        return {}
-    try:
-        record = json.loads((Path(path) / RUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    inference = record.get("inference") if isinstance(record, dict) else None
-    return inference if isinstance(inference, dict) else {}
+    return req.cfg and not subject.config.get("time_cond_proj_dim") and not subject.sampling.unguided
 
 
 def _text_embed_dim(configs: dict[str, Config], family: Family) -> int | None:
@@ -244,6 +219,7 @@ def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
 
     model = load_model(ref, allow_pickle=allow_pickle)
     quant = of_model(model)
+    scheduler = model.configs.get("scheduler", {}).get("_class_name")
     return _Subject(
         ref=ref,
         family=model.family,
@@ -253,9 +229,9 @@ def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
         text_embed_dim=_text_embed_dim(model.configs, model.family),
         size_on_disk=disk_size(model.path),
         unet_factory=lambda device, dtype: _unet(model, device, dtype),
-        scheduler=model.configs.get("scheduler", {}).get("_class_name"),
+        scheduler=scheduler,
         quantized=quant.format if quant is not None else None,
-        inference=_recorded_inference(model.path),
+        sampling=own_sampling(model.path, scheduler),
     )
 
 
