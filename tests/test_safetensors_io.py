@@ -66,3 +66,43 @@ def test_declared_shape_is_enforced(tmp_path):
     with pytest.raises(RuntimeError):
         write_safetensors(tmp_path / "bad.safetensors", bad)
     assert not list(tmp_path.iterdir())
+
+
+def test_load_threads_write_the_same_bytes_in_order(tmp_path):
+    """With load threads the file is byte for byte the one written without them, copies and
+    loads interleaved, and each load ran with one torch thread (parallel across tensors)."""
+    save_file({"src": torch.randn(6, 4)}, str(tmp_path / "src.safetensors"))
+    copied = read_state_dict(tmp_path / "src.safetensors")["src"]
+    threads = []
+
+    def loaded(t: torch.Tensor):
+        def load():
+            threads.append(torch.get_num_threads())
+            return t
+
+        return LazyTensor(tuple(t.shape), t.dtype, load)
+
+    sd = {}
+    for i in range(12):
+        sd[f"t{i}"] = loaded(torch.randn(i + 1, 3))
+        if i % 4 == 0:
+            sd[f"copy{i}"] = copied
+    write_safetensors(tmp_path / "serial.safetensors", sd)
+    threads.clear()
+    write_safetensors(tmp_path / "threads.safetensors", sd, load_workers=3)
+    assert (tmp_path / "serial.safetensors").read_bytes() == (tmp_path / "threads.safetensors").read_bytes()
+    assert threads == [1] * 12
+
+
+def test_a_failed_load_in_a_thread_leaves_nothing(tmp_path):
+    import pytest
+
+    def boom():
+        raise RuntimeError("boom")
+
+    sd = {f"t{i}": LazyTensor.of(torch.ones(2)) for i in range(5)}
+    sd["bad"] = LazyTensor((2,), torch.float32, boom)
+    sd.update({f"u{i}": LazyTensor.of(torch.ones(2)) for i in range(5)})
+    with pytest.raises(RuntimeError, match="boom"):
+        write_safetensors(tmp_path / "x.safetensors", sd, load_workers=2)
+    assert not list(tmp_path.iterdir())

@@ -17,7 +17,9 @@ import errno
 import json
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -261,6 +263,42 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[n:]
 
 
+def _is_copy(lt: LazyTensor) -> bool:
+    """Bytes already in a file, unchanged: the kernel copies them, nothing is loaded."""
+    return lt.raw is not None and sum(r.nbytes for r in lt.raw) == lt.nbytes
+
+
+def _in_order(
+    sd: Mapping[str, LazyTensor], workers: int
+) -> Iterator[tuple[str, LazyTensor, torch.Tensor | None]]:
+    """`sd`'s tensors in order, loaded (None for file-to-file copies).
+
+    With `workers`, up to `workers + 1` loads run ahead in threads while the caller writes, each
+    thread with one torch thread: the loads are parallel across tensors instead of inside each.
+    Inside, a load of many elementwise passes (an fp8 rounding is ~17) meets torch's thread
+    barrier after every pass, and one descheduled thread on a busy machine stalls them all
+    (measured on 2 cores at load 3: 15-51M values/s with two intra-op threads, 196M with one).
+    """
+    if workers <= 0:
+        for name, lt in sd.items():
+            yield name, lt, None if _is_copy(lt) else lt.load()
+        return
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    ahead: deque[tuple[str, LazyTensor, Future[torch.Tensor] | None]] = deque()
+    items = iter(sd.items())
+    try:
+        while True:
+            while len(ahead) <= workers and (item := next(items, None)) is not None:
+                name, lt = item
+                ahead.append((name, lt, None if _is_copy(lt) else pool.submit(lt.load)))
+            if not ahead:
+                return
+            name, lt, loading = ahead.popleft()
+            yield name, lt, None if loading is None else loading.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_safetensors(
     path: str | os.PathLike[str],
     sd: Mapping[str, LazyTensor],
@@ -268,8 +306,10 @@ def write_safetensors(
     *,
     overwrite: bool | Overwrite = False,
     on_tensor: Callable[[str, LazyTensor], None] | None = None,
+    load_workers: int = 0,
 ) -> None:
-    """Write `sd` to `path` atomically, loading at most one tensor at a time.
+    """Write `sd` to `path` atomically, loading at most one tensor at a time (`load_workers + 2`
+    with load threads, for loads that cost more CPU than their write: see `_in_order`).
 
     Tensors whose bytes are already in a file (`raw`) and unchanged are copied by
     the kernel; the rest are loaded, checked against the declared shape and
@@ -281,12 +321,11 @@ def write_safetensors(
         fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
         try:
             _write_all(fd, memoryview(header))
-            for name, lt in sd.items():
-                if lt.raw is not None and sum(r.nbytes for r in lt.raw) == lt.nbytes:
-                    for r in lt.raw:
+            for name, lt, t in _in_order(sd, load_workers):
+                if t is None:
+                    for r in lt.raw or ():
                         _copy_range(r, fd)
                 else:
-                    t = lt.load()
                     if tuple(t.shape) != lt.shape or t.dtype != lt.dtype:
                         raise RuntimeError(
                             f"tensor {name!r} loaded as {tuple(t.shape)} {t.dtype}, declared {lt.shape} {lt.dtype}"

@@ -10,6 +10,7 @@ the U-Net output's error against the source on fixed inputs.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -178,7 +179,11 @@ def _write_fp8(
         if not (k.startswith(prefix) and k[len(prefix) :] in unet_sf) and k not in out:
             out[k] = v
     metadata = {**single_file_metadata(model), META_KEY: meta.to_json()}
-    write_safetensors(req.output, out, metadata, overwrite=req.overwrite, on_tensor=on_tensor)
+    # The fp8 rounding is CPU work per tensor (reading and writing are copies): one load thread per core.
+    workers = min(4, os.cpu_count() or 1)
+    write_safetensors(
+        req.output, out, metadata, overwrite=req.overwrite, on_tensor=on_tensor, load_workers=workers
+    )
 
 
 def _write_gguf(req: QuantizeRequest, model: Model, unet_sf: StateDict, keep: KeepList) -> float:
