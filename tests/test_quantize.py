@@ -140,6 +140,15 @@ def test_allocation_keeps_the_most_sensitive_until_the_budget():
         allocate(scores, saving, 1000, budget=900, max_error=None)
 
 
+def test_allocation_spends_the_budget_where_it_removes_most_error():
+    """One large layer slightly more sensitive than two small ones: keeping the two small ones
+    removes more error for the same bytes (errors add as squares)."""
+    scores = {"big": 0.5, "s1": 0.4, "s2": 0.4}
+    saving = {"big": 100, "s1": 10, "s2": 10}
+    alloc = allocate(scores, saving, 1000, budget=1100, max_error=None)
+    assert sorted(alloc.kept) == ["s1", "s2"] and alloc.estimated_error == pytest.approx(0.5)
+
+
 @pytest.mark.slow
 def test_budget_keeps_measured_layers_and_lowers_error(src, tmp_path):
     plain = quantize(QuantizeRequest(str(src), str(tmp_path / "p.safetensors"), "fp8", report=False))

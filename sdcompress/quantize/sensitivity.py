@@ -64,7 +64,7 @@ def output_scores(
 
 @dataclass
 class Allocation:
-    kept: list[str]  # weights the allocation keeps at source precision, most sensitive first
+    kept: list[str]  # weights the allocation keeps at source precision, the most error per byte first
     estimated_size: int
     estimated_error: float | None  # sqrt of the sum of the quantized layers' squared scores
 
@@ -82,13 +82,17 @@ def allocate(
     budget: int | None,
     max_error: float | None,
 ) -> Allocation:
-    """Keep the most sensitive layers until the budget is spent or the error is met.
+    """Keep layers at source precision, the most error removed per byte first, until the budget
+    is spent or the error is met.
 
     `smallest` is the file size with only the keep-list kept; `saving[name]` what quantizing
-    that weight saves. With `budget`, a layer is kept when it still fits (most sensitive
-    first); with `max_error`, layers are kept until the estimated error is at most the target.
+    that weight saves. The estimated error is the root of the sum of the quantized layers'
+    squared scores, so keeping a layer removes score**2 for saving bytes: ranking by that ratio
+    is the greedy answer to the knapsack (ranking by score alone spends a budget on one large
+    layer where several small ones remove more error). With `budget`, a layer is kept when it
+    still fits; with `max_error`, layers are kept until the estimated error is at most the target.
     """
-    order = sorted(scores, key=lambda n: -scores[n])
+    order = sorted(scores, key=lambda n: -(scores[n] ** 2) / max(saving[n], 1))
     kept: list[str] = []
     size = smallest
     if budget is not None:
