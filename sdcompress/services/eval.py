@@ -277,7 +277,7 @@ def _sampling_note(e: ModelEval, plan: _Plan) -> str | None:
         notes.append(
             f"{label}: LCMScheduler adds fresh noise between steps, so agreement with the teacher "
             f"measures that noise too; {plan.spec.ref}@scheduler=tcd visits the same timesteps "
-            "deterministically."
+            "without it (deterministic; not the sampler a DMD2 student was trained with)."
         )
     return " ".join(n for n in notes if n) or None
 
