@@ -17,6 +17,7 @@ from sdcompress.evaluation.sampling import (
     FROM_FLAGS,
     FROM_OVERRIDE,
     ModelSpec,
+    own_settings_note,
     parse_model_spec,
     resolve_sampling,
 )
@@ -96,6 +97,13 @@ def test_override_beats_the_record_which_beats_the_flags():
     # a U-Net-only student borrows the teacher's PNDM: the scheduler its record names is used instead
     borrowed = resolve_sampling(ModelSpec("s", "s"), own, "PNDMScheduler", **flags)
     assert borrowed.scheduler == Sampler.LCM
+    # an LCM student without a record: 4 steps and its own scheduler; --guidance reaches its embedding
+    lcm = resolve_sampling(
+        ModelSpec("l", "l"), OwnSampling(steps=4, source=FROM_SCHEDULER), "LCMScheduler", **flags
+    )
+    assert (lcm.steps, lcm.guidance, lcm.scheduler) == (4, 7.5, Sampler.MODEL)
+    assert own_settings_note("l", "l", lcm, "LCMScheduler").startswith("l: steps 4, scheduler LCMScheduler (")
+    assert own_settings_note("t", "t", plain, "DDIMScheduler") is None  # nothing to say: no note
 
 
 def test_eval_renders_each_model_as_its_record_or_override_says(dmd_student, tmp_path, monkeypatch):

@@ -163,14 +163,13 @@ def own_settings_note(text: str, ref: str, sampling: Sampling, scheduler_class: 
     own = [k for k in KEYS if sampling.sources[k] in (FROM_RECORD, FROM_SCHEDULER)]
     if not own:
         return None
-    where = (
-        "its run record"
-        if FROM_RECORD in sampling.sources.values()
-        else "its LCMScheduler (a few-step model)"
-    )
     taken = ", ".join(f"{k} {values[k]}" for k in own)
+    if FROM_RECORD in sampling.sources.values():
+        taken += " from its run record"
+    else:
+        taken += " (a few-step model, by the scheduler it ships with)"
     flags = ", ".join(f"--{k}" for k in own)
     return (
-        f"{text}: {taken} from {where}, not {flags} (those apply to models that say nothing about "
+        f"{text}: {taken}, not {flags} (those apply to models that say nothing about "
         f"their sampling; {ref}@{own[0]}=... overrides)."
     )
