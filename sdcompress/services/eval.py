@@ -75,6 +75,8 @@ class EvalRequest:
             raise SdcError("give at least one model to evaluate.")
         if self.steps < 1 or self.batch_size < 1:
             raise SdcError("--steps and --batch-size must be at least 1.")
+        self.models = [str(m) for m in self.models]  # paths welcome from Python; specs are text
+        self.teacher = str(self.teacher) if self.teacher is not None else None
         for text in [*self.models, *([self.teacher] if self.teacher else [])]:
             parse_model_spec(text)  # a bad @setting is refused before anything is loaded
         if EvalMetric.AGREEMENT in self.metrics and self.teacher is None:
