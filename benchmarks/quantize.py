@@ -59,28 +59,26 @@ def error_of(src: Path, out: Path, fmt: str) -> tuple[float, float]:
     return e.relative, e.cosine
 
 
-def allocation(src: Path, work: Path, extra: float) -> None:
-    """Measured allocation vs the default keep-list grown in file order, at the same budget."""
+def allocation(src: Path, work: Path, extra: float, scorings: list[str]) -> None:
+    """Measured allocations vs the default keep-list grown in file order, at the same budget."""
     from sdcompress.checkpoint.keymap import unet as unet_map
     from sdcompress.checkpoint.resolve import load_model
     from sdcompress.quantize.keep import KeepList
     from sdcompress.services.quantize import QuantizeRequest, quantize
 
-    base = quantize(
-        QuantizeRequest(str(src), str(work / "d.safetensors"), "fp8", report=False, overwrite=True)
-    )
+    def run(name: str, **kw) -> tuple[object, float]:
+        started = time.perf_counter()
+        r = quantize(QuantizeRequest(str(src), str(work / f"{name}.safetensors"), "fp8", report=False,
+                                     overwrite=True, **kw))  # fmt: skip
+        return r, time.perf_counter() - started
+
+    base, _ = run("d")
     budget = int(base.bytes_written * (1 + extra))
-    measured = quantize(
-        QuantizeRequest(
-            str(src),
-            str(work / "m.safetensors"),
-            "fp8",
-            budget=str(budget),
-            fast=True,
-            report=False,
-            overwrite=True,
-        )  # fmt: skip
-    )
+    rows = [("default keep-list", "d", base, 0.0)]
+    for scoring in scorings:
+        r, secs = run(scoring, budget=str(budget), fast=scoring == "weight")
+        label = "measured, weight error" if scoring == "weight" else "measured, output error"
+        rows.append((label, scoring, r, secs))
     model = load_model(src)
     sf = unet_map.unet_to_single_file(model.components["unet"], model.unet_layout)
     keep, room, order = KeepList(), budget - base.bytes_written, []
@@ -88,22 +86,14 @@ def allocation(src: Path, work: Path, extra: float) -> None:
         if not keep.keeps(name, t) and t.nbytes - t.numel <= room:
             order.append(name)
             room -= t.nbytes - t.numel
-    folklore = quantize(
-        QuantizeRequest(
-            str(src),
-            str(work / "f.safetensors"),
-            "fp8",
-            keep=[f"{n}" for n in order],
-            report=False,
-            overwrite=True,
-        )  # fmt: skip
-    )
+    folklore, _ = run("f", keep=list(order))
+    rows.append(("keep-list + file order", "f", folklore, 0.0))
     print(f"\nallocation at {budget / 1e9:.3f} GB (default keep-list file + {extra:.0%}):")
-    for label, r, path in (("default keep-list", base, "d"), ("measured (--fast)", measured, "m"),
-                           ("keep-list + file order", folklore, "f")):  # fmt: skip
+    for label, path, r, secs in rows:
         rel, cos = error_of(src, work / f"{path}.safetensors", "fp8")
+        took = f"  ({secs:.0f} s)" if secs else ""
         print(f"  {label:24} {r.bytes_written / 1e9:7.3f} GB  quantized {r.quantized_fraction:6.1%}  "
-              f"output rel. error {rel:.3e}  cosine {cos:.6f}")  # fmt: skip
+              f"output rel. error {rel:.3e}  cosine {cos:.6f}{took}")  # fmt: skip
 
 
 def main() -> None:
@@ -115,6 +105,10 @@ def main() -> None:
     ap.add_argument(
         "--allocation", type=float, default=0.05, help="extra budget share for the allocation (0: skip)"
     )
+    ap.add_argument(
+        "--scoring", default="output,weight", help="allocation scorings to compare: output (one U-Net pass per "
+        "layer), weight (--fast)",
+    )  # fmt: skip
     args = ap.parse_args()
     from sdcompress.testing import cached_random_model
 
@@ -131,22 +125,24 @@ def main() -> None:
         cp_s, cp_rss = child(["cp", str(src), str(work / "copy.safetensors")])
         (work / "copy.safetensors").unlink()
         print(f"{args.family}: source {size / 1e9:.3f} GB fp16; cp {cp_s:.1f} s, peak RSS {cp_rss:.2f} GiB")
-        print(f"{'format':12} {'size GB':>8} {'vs fp16':>8} {'time s':>7} {'x cp':>5} {'RSS GiB':>8} "
+        print(f"{'format':12} {'size GB':>8} {'vs fp16':>8} {'time s':>7} {'x cp':>5} {'cp s':>5} {'RSS GiB':>8} "
               f"{'rel. error':>11} {'cosine':>9}")  # fmt: skip
         for fmt in formats:
             out = work / f"q.{'gguf' if fmt.startswith('gguf') else 'safetensors'}"
             cmd = [sys.executable, "-m", "sdcompress", "quantize", str(src), "-o", str(out), "--format", fmt,
                    "--no-report", "--overwrite"]  # fmt: skip
             secs, rss = child(cmd)
+            cp_s, _ = child(["cp", str(src), str(work / "copy.safetensors")])  # paired: the machine drifts
+            (work / "copy.safetensors").unlink()
             q = out.stat().st_size
             rel = cos = float("nan")
             if not args.no_error:
                 rel, cos = error_of(src, out, fmt)
-            print(f"{fmt:12} {q / 1e9:8.3f} {q / size:8.1%} {secs:7.1f} {secs / cp_s:5.2f} {rss:8.2f} "
+            print(f"{fmt:12} {q / 1e9:8.3f} {q / size:8.1%} {secs:7.1f} {secs / cp_s:5.2f} {cp_s:5.1f} {rss:8.2f} "
                   f"{rel:11.3e} {cos:9.6f}")  # fmt: skip
             out.unlink()
         if args.allocation > 0 and not args.no_error:
-            allocation(src, work, args.allocation)
+            allocation(src, work, args.allocation, [x for x in args.scoring.split(",") if x])
     print(json.dumps({"family": args.family, "source_bytes": size}))
 
 
