@@ -81,6 +81,7 @@ def test_lcm_student_loads_with_lcm_scheduler_and_resumes_exactly(tmp_path, data
     assert image.shape == (RES, RES, 3)
     record = json.loads((out / RUN_RECORD).read_text())
     assert record["objective"] == "lcm" and record["consistency"]["consistency_loss"] == "huber"
+    assert record["inference"]["steps"] == 4 and record["inference"]["sampler"] == "LCMScheduler"
 
     # Ctrl-C after step 2 and --resume: the EMA target network comes back too, so the weights are equal
     first = lcm_request(data_dir, tmp_path / "resumed", steps=4)

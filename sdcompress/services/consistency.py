@@ -100,6 +100,9 @@ def lcm_task(
             "lcm",
             prediction,
             consistency=asdict(config),
+            # How it is used (bench and eval read this): 4 LCMScheduler steps; no guidance_scale here,
+            # since a w-embedding student takes guidance through the embedding, not as a CFG pair.
+            inference={"steps": 4, "sampler": "LCMScheduler", "prediction_type": prediction},
             lora_file=LORA_FILE if spec is not None else None,
         )
         if spec is not None:
