@@ -6,7 +6,7 @@ denoising (`--fake-updates` updates per student update). The loss is the project
 (`training.dmd_task.dm_gradient`, `dm_loss`). Printed: the sliced-Wasserstein distance to the target
 before and after, the modes covered, and the fake score's denoising error (beyond the exact target
 score's) on student samples against target samples: lower on the student's, since it learned the
-student's distribution, not the target.
+student's distribution, not the target; and the same errors plain (not relative to the exact score).
 
     python benchmarks/dmd_toy.py --seed 0
 """
@@ -99,19 +99,19 @@ class ToyResult:
     sw_start: float
     sw_end: float
     modes: int
-    fake_error_student: float
+    fake_error_student: float  # excess over the exact target score's error on the same noised samples
     fake_error_target: float
+    fake_plain_student: float  # the fake score's plain denoising error
+    fake_plain_target: float
 
     @property
     def sw_ratio(self) -> float:
         return self.sw_start / max(self.sw_end, 1e-12)
 
 
-def excess_error(fake: FakeScore, x0: torch.Tensor, generator: torch.Generator) -> float:
-    """The fake score's denoising error minus the exact target score's, on the same noised samples of `x0`.
+def denoising_errors(fake: FakeScore, x0: torch.Tensor, generator: torch.Generator) -> tuple[float, float]:
+    """The fake score's and the exact target score's denoising errors on the same noised samples of `x0`.
 
-    On target samples the exact score is the best denoiser there is, so the excess is positive; on the
-    student's samples a fake score that learned the student's distribution beats it (lower excess).
     Low noise only (t <= 0.4): at high noise the error every denoiser must make swamps the difference.
     """
     t = 0.02 + 0.38 * torch.rand(x0.shape[0], generator=generator)
@@ -120,7 +120,17 @@ def excess_error(fake: FakeScore, x0: torch.Tensor, generator: torch.Generator) 
     with torch.no_grad():
         fake_mse = ((fake(noisy, t) - x0) ** 2).sum(1).mean()
         real_mse = ((exact_x0(noisy, t) - x0) ** 2).sum(1).mean()
-    return float(fake_mse - real_mse)
+    return float(fake_mse), float(real_mse)
+
+
+def excess_error(fake: FakeScore, x0: torch.Tensor, generator: torch.Generator) -> float:
+    """The fake score's denoising error minus the exact target score's (`denoising_errors`).
+
+    On target samples the exact score is the best denoiser there is, so the excess is positive; on the
+    student's samples a fake score that learned the student's distribution beats it (lower excess).
+    """
+    fake_mse, real_mse = denoising_errors(fake, x0, generator)
+    return fake_mse - real_mse
 
 
 def run(seed: int = 0, steps: int = 300, fake_updates: int = 5, batch: int = 256) -> ToyResult:
@@ -163,11 +173,20 @@ def run(seed: int = 0, steps: int = 300, fake_updates: int = 5, batch: int = 256
     sw_end = sliced_wasserstein(samples, target, torch.Generator().manual_seed(1))
     err = torch.Generator().manual_seed(20_000 + seed)
     state = err.get_state()
-    student_error = excess_error(fake, samples, err)
+    on_student = denoising_errors(fake, samples, err)
     err.set_state(state)  # the same noise and timesteps for both: only the samples differ
-    target_error = excess_error(fake, target, err)
+    on_target = denoising_errors(fake, target, err)
     return ToyResult(
-        seed, steps, seconds, sw_start, sw_end, modes_covered(samples), student_error, target_error
+        seed,
+        steps,
+        seconds,
+        sw_start,
+        sw_end,
+        modes_covered(samples),
+        on_student[0] - on_student[1],
+        on_target[0] - on_target[1],
+        on_student[0],
+        on_target[0],
     )
 
 
@@ -178,12 +197,16 @@ def main() -> None:
     parser.add_argument("--fake-updates", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("seed  steps  seconds  SW start  SW end  ratio  modes  fake excess err (student)  (target)")
+    print(
+        "seed  steps  seconds  SW start  SW end  ratio  modes  fake excess err (student)  (target)"
+        "  fake plain err (student)  (target)"
+    )
     for seed in args.seed:
         r = run(seed, args.steps, args.fake_updates)
         print(
             f"{r.seed:>4}  {r.steps:>5}  {r.seconds:7.1f}  {r.sw_start:8.3f}  {r.sw_end:6.3f}  "
             f"{r.sw_ratio:5.1f}x  {r.modes}/{MODES}  {r.fake_error_student:25.4f}  {r.fake_error_target:8.4f}"
+            f"  {r.fake_plain_student:24.4f}  {r.fake_plain_target:8.4f}"
         )
 
 

@@ -27,6 +27,7 @@ prompt x seed samples the trained student is closer (latent MSE) than its initia
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -252,24 +253,45 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument(
+        "--keep", type=Path, help="work folder kept between runs (the teacher and LCM reused)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import torch
 
     torch.manual_seed(0)
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    from sdcompress.checkpoint.resolve import load_model
     from sdcompress.training.demo_data import write_demo_dataset
 
+    diffusers_logging.disable_progress_bar()
+
     names = [s for s in args.students.split(",") if s]
-    with tempfile.TemporaryDirectory(prefix="sdc-few-step-") as tmp:
-        work = Path(tmp)
-        data = write_demo_dataset(work / "data", 16, size=args.resolution)
-        teacher = train_teacher(work, data, args.teacher_steps, args.resolution, args.teacher_lr, MODEL)
-        teacher_pipe = DiffusionPipeline.from_pretrained(teacher)
+    with contextlib.ExitStack() as stack:
+        work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdc-few-step-")))
+        shared = work / "shared"  # the data, the teacher and LCM: reused by later runs with --keep
+        stamp = json.dumps({k: getattr(args, k) for k in ("teacher_steps", "teacher_lr", "resolution")})
+        if (shared / "stamp.json").exists() and (shared / "stamp.json").read_text() != stamp:
+            raise SystemExit(f"{shared} holds a teacher trained with other settings; use another --keep")
+        if not (shared / "stamp.json").exists():
+            data = write_demo_dataset(shared / "data", 16, size=args.resolution)
+            train_teacher(shared, data, args.teacher_steps, args.resolution, args.teacher_lr, MODEL)
+            (shared / "stamp.json").write_text(stamp)
+        data = shared / "data"
+        run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="run-", dir=work)))
+        teacher = str(shared / "teacher") if args.teacher_steps else MODEL
+        teacher_pipe = DiffusionPipeline.from_pretrained(load_model(teacher).path)
         students: dict[str, tuple] = {}
         if args.lcm_steps:
-            lcm = train_lcm(work, teacher, data, args.lcm_steps, args.resolution, args.lcm_lr, 50, (1.0, 3.0))
+            lcm = shared / f"lcm-{args.lcm_steps}-{args.lcm_lr}"
+            if not lcm.exists():
+                trained = train_lcm(
+                    run_dir, teacher, data, args.lcm_steps, args.resolution, args.lcm_lr, 50, (1.0, 3.0)
+                )
+                trained.rename(lcm)
             # untrained: the teacher, unguided (the guidance embedding the student adds starts at zero)
             students["LCM"] = (DiffusionPipeline.from_pretrained(lcm), teacher_pipe, args.guidance, 0.0)
         common = dict(
@@ -282,7 +304,7 @@ def main() -> None:
         )
         if "lora" in names:
             run = DmdRun("dmd2-lora", None, args.lora_rank, args.lora_lr, **common)
-            out = train_dmd2(work, teacher, data, run, args.resolution)
+            out = train_dmd2(run_dir, teacher, data, run, args.resolution)
             students[f"DMD2 LoRA r{args.lora_rank}"] = (
                 load_lora_student(teacher, out),
                 teacher_pipe,
@@ -290,9 +312,9 @@ def main() -> None:
                 0.0,
             )
         if "pruned" in names:
-            pruned = prune_teacher(work, teacher)
+            pruned = prune_teacher(run_dir, teacher)
             run = DmdRun("dmd2-pruned", pruned, None, args.dmd_lr, **common)
-            out = train_dmd2(work, teacher, data, run, args.resolution)
+            out = train_dmd2(run_dir, teacher, data, run, args.resolution)
             students["DMD2 pruned"] = (
                 DiffusionPipeline.from_pretrained(out),
                 DiffusionPipeline.from_pretrained(pruned),
