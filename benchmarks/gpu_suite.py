@@ -1,7 +1,20 @@
 """Every CUDA path of sdcompress in one command that fits a short GPU loan, with the figures recorded.
 
-    python benchmarks/gpu_suite.py --out gpu-run          # on a CUDA machine: full size, under 9 minutes
+    python benchmarks/gpu_suite.py --out gpu-run          # on a CUDA machine: every step, full size
     python benchmarks/gpu_suite.py --tiny --out /tmp/x    # the same steps on the CPU with the tiny models
+    python benchmarks/gpu_suite.py --only quantize --out gpu-q   # one step and the steps it needs
+
+The full plan's step budgets add up to more than 10 minutes (its total is 14 minutes), so where a
+command may run 10 minutes at most, run it in two calls, each with a total that leaves time for
+the report (the second call finds the random models in the cache and builds nothing):
+
+    python benchmarks/gpu_suite.py --only bench,quantize,extract-cuda,extract-cpu --total-s 570 --out gpu-run/1
+    python benchmarks/gpu_suite.py --only convert,data-prepare,distill,finetune,lora-train,dmd2-lora,dmd2-full,pytest-gpu --total-s 570 --out gpu-run/2
+
+The first call's budgets (build 100 s, prune 75, bench 90, quantize 150, extract 60 + 90) add up
+to 565 s. The second's add up to 745 s, but its build is a cache hit (seconds, not 100) and the
+budgets are ceilings; a step the total does not reach is reported "not run: the suite's total
+time budget was spent" and can be run alone with `--only STEP`.
 
 Steps, in order (each a child process with its own time budget; the whole run stops
 starting steps once its total budget is spent, and a step whose input failed is not run):
@@ -12,6 +25,10 @@ starting steps once its total budget is spent, and a step whose input failed is 
 - prune: the ssd-1b, koala-700m and vega students of that SDXL (`prune --select uniform`);
 - bench: `bench sdxl ssd-1b koala-700m vega --random-weights` at 1024 px in fp16 (U-Nets built
   directly on the GPU), the ratios beside Segmind's and KOALA's published figures;
+- quantize: `quantize --format fp8` and `--format fp8-scaled` of the SDXL single file and of the
+  ssd-1b student (seconds, bytes), then `bench` of each source (fp16) against its two fp8 files
+  at 1024 px, batch 1: steps/s, peak memory, the ratios to fp16, and how bench ran the fp8
+  weights (its note: cast up per layer, or fp8 matmuls);
 - extract-lora on the GPU and on the CPU cores: time, peak memory, and the error against an
   exact SVD on sampled layers;
 - convert of the SDXL single file with `--device cuda --dtype fp16` and on the CPU: the
@@ -29,7 +46,9 @@ taken inside the process (step times, peak GPU memory, per-layer errors): there 
 service (`--probe NAME`) and prints its figures as JSON. It writes OUT/gpu_suite.json and
 OUT/gpu_suite.md and exits 1 naming the failed steps. Work files go to OUT/work (deleted at the
 end unless --keep; the GPU run needs about 45 GB of disk at its peak); the random models stay in
-the sdcompress cache ($SDCOMPRESS_CACHE/random), so a second try skips building them.
+the sdcompress cache ($SDCOMPRESS_CACHE/random: the SD 1.5 and SDXL files and the SDXL
+"fine-tune"), so a second try or a second `--only` call skips building them; the pruned students
+live in OUT/work and are pruned again by each call that needs them.
 """
 
 from __future__ import annotations
@@ -48,7 +67,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -125,11 +144,16 @@ class Plan:
             train_steps=4,
             mixed={"distill": "fp16", "finetune": "bf16", "lora-train": "fp16", "dmd2": "fp16"},
             rank=32,
-            total_s=690,  # 11.5 minutes (9 before the two DMD2 steps)
+            # 14 minutes (9 before the two DMD2 steps, 11.5 before quantize): more than a 10-minute
+            # command allows, so run it in two `--only` calls (module docstring) where that limit applies.
+            total_s=840,
             budgets={
                 "build": 100,
                 "prune": 75,
                 "bench": 90,
+                # 2 SDXL (6.9 GB) + 2 ssd-1b (U-Net) quantizations, ~23 s per SDXL fp8 on 2 idle CPU
+                # cores (docs/benchmarks.md), then two bench calls of 3 models each at 1024 px
+                "quantize": 150,
                 "extract-cuda": 60,
                 "extract-cpu": 90,
                 "convert": 90,
@@ -152,6 +176,7 @@ STEP_NAMES = (
     "build",
     "prune",
     "bench",
+    "quantize",
     "extract-cuda",
     "extract-cpu",
     "convert",
@@ -165,6 +190,7 @@ STEP_NAMES = (
 )
 NEEDS = {
     "prune": ("build",),
+    "quantize": ("build", "prune"),
     "extract-cuda": ("build",),
     "extract-cpu": ("build",),
     "convert": ("build",),
@@ -349,6 +375,78 @@ def step_bench(r: Runner) -> dict[str, Any]:
     if failed:
         raise StepFailed("bench measured nothing for " + "; ".join(failed))
     return {"device": res["device"], "dtype": res["dtype"], "memory_kind": res["memory_kind"], "rows": rows}
+
+
+QUANT_FORMATS = ("fp8", "fp8-scaled")
+
+
+def step_quantize(r: Runner) -> dict[str, Any]:
+    """fp8 and fp8-scaled files of the SDXL single file and the ssd-1b student, each benched against
+    its source at the XL resolution, batch 1.
+
+    `--no-report`: the output-error report loads the U-Net twice in fp32 and runs it on the CPU,
+    which would double the step; benchmarks/quantize.py measures the error, this step the speed.
+    """
+    p = r.plan
+    dtype = "fp32" if p.tiny else "fp16"
+    sources = {p.sdxl: r.metrics("build")["sdxl"], "ssd-1b": str(r.work / "ssd-1b")}
+    files: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    for label, src in sources.items():
+        files[label] = {}
+        targets = []
+        for fmt in QUANT_FORMATS:
+            target = r.work / f"{label}-{fmt}.safetensors"
+            t = time.monotonic()
+            res = r.cli("quantize", src, "-o", str(target), "--format", fmt, "--no-report", "--overwrite",
+                        log=f"quantize-{label}-{fmt}.log")  # fmt: skip
+            files[label][fmt] = {
+                "seconds": round(time.monotonic() - t, 2),
+                "bytes": res["bytes_written"],
+                "source_bytes": res["source_bytes"],
+                "quantized_fraction": res["quantized_fraction"],
+            }
+            targets.append(str(target))
+        res = r.cli("bench", src, *targets, "--batch-sizes", "1", "--resolution", str(p.xl_resolution),
+                    "--steps", str(p.bench_steps), "--warmup", "1" if p.tiny else "3", "--device", p.device,
+                    "--dtype", dtype, log=f"quantize-bench-{label}.log")  # fmt: skip
+        rows += _quant_rows(label, dtype, res)
+    failed = [f"{x['model']} {x['format']}: {x['error']}" for x in rows if x["steps_per_s"] is None]
+    if failed:
+        raise StepFailed("bench measured nothing for " + "; ".join(failed))
+    return {"device": p.device, "dtype": dtype, "resolution": p.xl_resolution, "files": files, "rows": rows}
+
+
+def _quant_rows(label: str, dtype: str, res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model of one bench call (source, then its fp8 files), with ratios to the source."""
+    source = res["models"][0]
+    base = source["results"][0]
+    rows = []
+    for fmt, m in zip((dtype, *QUANT_FORMATS), res["models"], strict=True):
+        b = m["results"][0]
+        # bench says how it ran a quantized file's weights (fp8 matmuls or cast up per layer) in a
+        # note that starts with the file's name; recorded as it is
+        note = next((n for n in res["notes"] if n.startswith(f"{m['ref']} is ")), None)
+        rows.append(
+            {
+                "model": label,
+                "format": fmt,
+                "file_bytes": m["size_on_disk"],
+                "weights_bytes": m["weights_bytes"],
+                "steps_per_s": b["steps_per_s"],
+                "peak_memory": b["peak_memory"],
+                "speed_vs_source": b["speedup"],
+                "memory_vs_source": _ratio(b["peak_memory"], base["peak_memory"]),
+                "file_vs_source": _ratio(m["size_on_disk"], source["size_on_disk"]),
+                "compute": note or f"{dtype} weights",
+                "error": b.get("error"),
+            }
+        )
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def step_extract(r: Runner, device: str) -> dict[str, Any]:
@@ -697,6 +795,10 @@ def _highlights(s: StepResult) -> str:
         return f"models {m['models_seconds']} s, SDXL file {m['sdxl_bytes'] / 2**30:.2f} GiB"
     if s.name == "bench":
         return f"{len(m['rows'])} rows, {m['device']} {m['dtype']} (table below)"
+    if s.name == "quantize":
+        made = "; ".join(f"{label} {fmt} {q['seconds']} s" for label, f in m["files"].items()
+                         for fmt, q in f.items())  # fmt: skip
+        return f"{made} (table below)"
     return ", ".join(f"{k} {v}" for k, v in m.items() if not isinstance(v, dict | list))[:200]
 
 
@@ -705,7 +807,8 @@ def markdown(report: dict[str, Any], results: list[StepResult]) -> str:
         f"# GPU suite ({report['mode']}), {report['date']}",
         "",
         f"Device: {report['device']}. torch {report['torch']}. Total {report['total_seconds']:.0f} s "
-        f"of a {report['budget_seconds']:.0f} s budget.",
+        f"of a {report['budget_seconds']:.0f} s budget."
+        + (f" Steps run (`--only`): {', '.join(report['only'])}." if report.get("only") else ""),
         "",
         "| step | status | seconds | budget s | figures |",
         "|---|---|---:|---:|---|",
@@ -737,6 +840,9 @@ def markdown(report: dict[str, Any], results: list[StepResult]) -> str:
                 f"| {row['model']} | {row['parameters']:,} | {row['batch']} | {_fmt(row['steps_per_s'])} | "
                 f"{_fmt(row['vs_sdxl'], '.2f')}x | {pub} | {peak} |"
             )
+    quant = next((s for s in results if s.name == "quantize" and s.ok), None)
+    if quant:
+        lines += ["", *_quant_table(quant.metrics)]
     ex = {s.name: s.metrics for s in results if s.name.startswith("extract") and s.ok}
     if len(ex) == 2 and report["mode"] == "gpu":
         ratio = ex["extract-cpu"]["seconds"] / ex["extract-cuda"]["seconds"]
@@ -744,6 +850,29 @@ def markdown(report: dict[str, Any], results: list[StepResult]) -> str:
     failed = [s.name for s in results if not s.ok]
     lines += ["", f"Failed: {', '.join(failed)}." if failed else "Every step passed."]
     return "\n".join(lines) + "\n"
+
+
+def _quant_table(m: dict[str, Any]) -> list[str]:
+    """The quantize step's table: each file's size and bench figures beside its source's."""
+    lines = [
+        f"fp8 files against their source ({m['dtype']}), U-Net denoising steps/s at {m['resolution']} px, "
+        "batch 1, CFG on; `quantize` time and file size from the command, peak memory from bench.",
+        "",
+        "| model | format | quantize s | file | vs source | steps/s | vs source | peak memory | vs source "
+        "| fp8 weights ran as |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in m["rows"]:
+        made = m["files"][row["model"]].get(row["format"], {})
+        peak = f"{row['peak_memory'] / 2**30:.3f} GiB" if row["peak_memory"] else "-"
+        size = f"{row['file_bytes'] / 2**30:.3f} GiB" if row["file_bytes"] else "-"
+        how = row["compute"].split(": ", 1)[-1]  # the note without the file's name
+        lines.append(
+            f"| {row['model']} | {row['format']} | {_fmt(made.get('seconds'))} | {size} | "
+            f"{_fmt(row['file_vs_source'], '.2f')}x | {_fmt(row['steps_per_s'])} | "
+            f"{_fmt(row['speed_vs_source'], '.2f')}x | {peak} | {_fmt(row['memory_vs_source'], '.2f')}x | {how} |"
+        )
+    return lines
 
 
 def _device_name(plan: Plan) -> str:
@@ -755,7 +884,27 @@ def _device_name(plan: Plan) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def run_suite(plan: Plan, out: Path, keep: bool) -> int:
+def selected_steps(only: str | None) -> tuple[str, ...]:
+    """The steps `--only A,B` runs: those named and every step they need, in the suite's order."""
+    if only is None:
+        return STEP_NAMES
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STEP_NAMES]
+    if unknown or not names:
+        raise ValueError(
+            f"--only takes step names from {', '.join(STEP_NAMES)}; got {', '.join(unknown) or 'none'}."
+        )
+    wanted: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += NEEDS.get(name, ())
+    return tuple(n for n in STEP_NAMES if n in wanted)
+
+
+def run_suite(plan: Plan, out: Path, keep: bool, only: tuple[str, ...] = STEP_NAMES) -> int:
     import torch
 
     work = out / "work"
@@ -766,6 +915,7 @@ def run_suite(plan: Plan, out: Path, keep: bool) -> int:
         "build": step_build,
         "prune": step_prune,
         "bench": step_bench,
+        "quantize": step_quantize,
         "extract-cuda": lambda r: step_extract(r, plan.device),
         "extract-cpu": lambda r: step_extract(r, "cpu"),
         "convert": step_convert,
@@ -777,7 +927,7 @@ def run_suite(plan: Plan, out: Path, keep: bool) -> int:
         "dmd2-full": lambda r: step_train(r, "dmd2-full"),
         "pytest-gpu": step_pytest,
     }
-    for name in STEP_NAMES:
+    for name in only:
         r.step(name, lambda fn=steps[name]: fn(r))
     report = {
         "mode": "tiny" if plan.tiny else "gpu",
@@ -787,6 +937,7 @@ def run_suite(plan: Plan, out: Path, keep: bool) -> int:
         "resolution": plan.xl_resolution,
         "total_seconds": time.monotonic() - t0,
         "budget_seconds": plan.total_s,
+        "only": None if only == STEP_NAMES else list(only),
         "published": {
             "segmind_a100_it_s_ssd1b_sdxl": {str(k): v for k, v in SEGMIND_A100_IT_S.items()},
             "koala": KOALA_PUBLISHED,
@@ -816,6 +967,16 @@ def main() -> None:
     p.add_argument("--out", help="Folder for gpu_suite.json, gpu_suite.md and the step logs.")
     p.add_argument("--tiny", action="store_true", help="The same steps on the CPU with the tiny models.")
     p.add_argument("--keep", action="store_true", help="Keep OUT/work (students, LoRAs, images).")
+    p.add_argument(
+        "--only",
+        metavar="STEP[,STEP...]",
+        help=f"Run these steps and the steps they need (of: {', '.join(STEP_NAMES)}).",
+    )
+    p.add_argument(
+        "--total-s",
+        type=float,
+        help="The run's total time budget in seconds (default: the plan's; 570 fits a 10-minute command).",
+    )
     p.add_argument("--probe", choices=sorted(PROBES), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -824,6 +985,14 @@ def main() -> None:
         return
     if not args.out:
         p.error("--out is required")
+    try:
+        only = selected_steps(args.only)
+    except ValueError as e:
+        print(f"gpu_suite: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.total_s is not None and not args.total_s > 0:
+        print(f"gpu_suite: --total-s must be above 0 seconds, got {args.total_s:g}.", file=sys.stderr)
+        raise SystemExit(2)
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
@@ -832,7 +1001,10 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    raise SystemExit(run_suite(Plan.make(args.tiny), Path(args.out), args.keep))
+    plan = Plan.make(args.tiny)
+    if args.total_s is not None:
+        plan = replace(plan, total_s=args.total_s)
+    raise SystemExit(run_suite(plan, Path(args.out), args.keep, only))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,15 @@ def test_tiny_suite_runs_every_step_and_reports(tmp_path):
         # the extraction's error over sampled layers, against exact SVDs: near the optimum
         assert 1.0 - 1e-6 <= steps[name]["error_vs_exact"] < 1.05, steps[name]
     assert steps["convert"]["identical"] is True
+    quant = steps["quantize"]
+    assert {(r["model"], r["format"]) for r in quant["rows"]} == {
+        (m, f) for m in ("tiny-sdxl", "ssd-1b") for f in ("fp32", "fp8", "fp8-scaled")
+    }
+    for row in quant["rows"]:
+        assert row["steps_per_s"] > 0 and row["peak_memory"] > 0, row
+        if row["format"] != "fp32":
+            assert row["file_vs_source"] < 0.5 and "per layer" in row["compute"], row
+            assert quant["files"][row["model"]][row["format"]]["bytes"] == row["file_bytes"]
     for name in ("distill", "finetune", "lora-train", "dmd2-lora", "dmd2-full"):
         assert steps[name]["losses_finite"] and steps[name]["steps"] == 2, steps[name]
     assert not (out / "work").exists()  # work files go unless --keep
@@ -52,6 +61,7 @@ def test_tiny_suite_runs_every_step_and_reports(tmp_path):
     for name in gs.STEP_NAMES:
         assert f"| {name} | ok |" in md
     assert "| ssd-1b |" in md and "1.56x" in md  # Segmind's published batch-1 ratio beside ours
+    assert "| ssd-1b | fp8-scaled |" in md
     assert "Every step passed." in md
 
 
@@ -79,3 +89,24 @@ def test_a_child_over_its_budget_is_killed_and_reported(tmp_path):
     gs = _suite_module()
     with pytest.raises(gs.StepFailed, match="over its time budget"):
         gs._run([sys.executable, "-c", "import time; time.sleep(60)"], 1, tmp_path / "log")
+
+
+def test_only_runs_the_named_steps_and_what_they_need():
+    gs = _suite_module()
+    assert gs.selected_steps(None) == gs.STEP_NAMES
+    assert gs.selected_steps("quantize") == ("build", "prune", "quantize")
+    assert gs.selected_steps("pytest-gpu,bench") == ("bench", "pytest-gpu")  # the suite's order
+    assert gs.selected_steps("dmd2-full, convert") == ("build", "prune", "convert", "dmd2-full")
+
+
+def test_only_with_an_unknown_step_is_one_sentence_and_exit_2(tmp_path):
+    out = tmp_path / "suite"
+    proc = subprocess.run(
+        [sys.executable, str(SUITE), "--tiny", "--only", "quantize,quantise", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "quantise" in proc.stderr
+    assert not out.exists()
