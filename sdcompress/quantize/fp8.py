@@ -14,7 +14,7 @@ scale would be read without it: convolutions are stored as a plain cast, with no
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -107,6 +107,17 @@ def quantized_state_dict(
     return out, records
 
 
+@dataclass(frozen=True)
+class ScaledWeight(LazyTensor):
+    """A scaled-fp8 weight read back: it loads as codes x scale, and keeps the two, so a consumer
+    that holds weights in fp8 (bench, through `cast_up_per_layer`) can keep the codes and apply the
+    scale per layer instead of holding the product at full precision. Reshapes and casts of it are
+    plain `LazyTensor`s (the product)."""
+
+    codes: LazyTensor | None = field(default=None, repr=False, compare=False)
+    scale: LazyTensor | None = field(default=None, repr=False, compare=False)
+
+
 def fold_scales(sd: StateDict, compute: torch.dtype | None = None) -> StateDict:
     """Read a scaled-fp8 state dict back: marker and input scales dropped, each scaled weight lazily
     multiplied out in float32 (exactly what a loader computing in fp32 uses; fp16 would round it).
@@ -124,8 +135,12 @@ def fold_scales(sd: StateDict, compute: torch.dtype | None = None) -> StateDict:
         scale_key = k[: -len(".weight")] + SCALE if k.endswith(".weight") else None
         if scale_key in sd:
             s = sd[scale_key]
-            out[k] = LazyTensor(
-                lt.shape, compute, lambda lt=lt, s=s: (lt.load().float() * s.load().float()).to(compute)
+            out[k] = ScaledWeight(
+                lt.shape,
+                compute,
+                lambda lt=lt, s=s: (lt.load().float() * s.load().float()).to(compute),
+                codes=lt,
+                scale=s,
             )
         else:
             out[k] = lt

@@ -242,10 +242,14 @@ def _unet(model: Model, device: torch.device, dtype: torch.dtype) -> torch.nn.Mo
 
     if of_model(model) is None:
         return build_module(model, "unet", dtype=dtype, device=str(device))
-    from sdcompress.quantize.cast_up import cast_up_per_layer
+    from sdcompress.checkpoint.instantiate import load_weights, module_from_config
+    from sdcompress.quantize.cast_up import cast_up_per_layer, fp8_codes
 
-    unet = build_module(model, "unet", dtype=None, device=str(device))
-    cast_up_per_layer(unet, dtype)
+    # scaled fp8: the codes are loaded, not the full-precision product the resolver reads them as
+    weights, scales = fp8_codes(model.components["unet"])
+    unet = module_from_config("unet", model.configs["unet"])
+    load_weights(unet, weights, dtype=None, device=str(device))
+    cast_up_per_layer(unet.eval(), dtype, scales)
     return unet
 
 
@@ -546,7 +550,8 @@ def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -
         if s.quantized is not None:
             notes.append(
                 f"{s.ref} is {s.quantized}: its fp8 weights stay fp8 in memory and are cast up to "
-                f"{str(dtype).removeprefix('torch.')} per layer for each forward (no fp8 matmul)."
+                f"{str(dtype).removeprefix('torch.')} per layer for each forward"
+                f"{', times their scales' if s.quantized == 'fp8-scaled' else ''} (no fp8 matmul)."
             )
     return BenchResult(
         device=str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
