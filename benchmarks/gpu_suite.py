@@ -411,6 +411,8 @@ def step_quantize(r: Runner) -> dict[str, Any]:
                     "--steps", str(p.bench_steps), "--warmup", "1" if p.tiny else "3", "--device", p.device,
                     "--dtype", dtype, log=f"quantize-bench-{label}.log")  # fmt: skip
         rows += _quant_rows(label, dtype, res)
+        for target in targets:  # 4.4 GB each at full size: the later steps need the disk
+            Path(target).unlink()
     failed = [f"{x['model']} {x['format']}: {x['error']}" for x in rows if x["steps_per_s"] is None]
     if failed:
         raise StepFailed("bench measured nothing for " + "; ".join(failed))
