@@ -60,6 +60,14 @@ class Choice(StrEnum):
             raise ValueError(f"{value!r} is not one of {cls.values()}.") from None
 
 
+class Fp8Compute(Choice):
+    """How `bench` runs an fp8 file's weights: multiplied in fp8 where torch can, or cast up per layer."""
+
+    AUTO = "auto"  # fp8 matmuls on a CUDA device that has them, else cast up
+    MATMUL = "matmul"
+    CAST_UP = "cast-up"
+
+
 class DType(Choice):
     """The dtype tensors are written in."""
 

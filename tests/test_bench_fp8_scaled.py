@@ -54,3 +54,42 @@ def test_scaled_fp8_cast_up_equals_the_dequantized_model(files):
     # the reader's product (codes x scale in float32): the same values, bit for bit
     assert torch.equal(predict(lean, inputs, 1)[0], predict(unet_module(model), inputs, 1)[0])
     assert all(p.dtype == torch.float8_e4m3fn for p in stored)  # restored after the forward
+
+
+def test_fp8_matmul_linears_track_the_dequantized_model(files):
+    """`--fp8-compute matmul`: the fitting Linears multiply fp8 codes (torch._scaled_mm, which torch
+    also runs on the CPU); the output stays within fp8 activation rounding of the dequantized model."""
+    from sdcompress.prune.importance import predict
+    from sdcompress.quantize.fp8_matmul import Fp8Linear
+    from sdcompress.quantize.report import OutputError, fixed_inputs, unet_module
+    from sdcompress.services.bench import _Subject, _unet
+
+    model = load_model(files["fp8-scaled"])
+    subject = _Subject.__new__(_Subject)
+    subject.fp8_matmul, subject.fp8_matmul_layers = True, None
+    fast = _unet(model, torch.device("cpu"), torch.float32, subject)
+    swapped = [m for m in fast.modules() if isinstance(m, Fp8Linear)]
+    assert subject.fp8_matmul_layers == len(swapped) > 0
+    assert all(m.weight.dtype == torch.float8_e4m3fn and m.w_scale.item() != 1.0 for m in swapped)
+    inputs = fixed_inputs(model, samples=1, latent=8)
+    err = OutputError.between(predict(fast, inputs, 1), predict(unet_module(model), inputs, 1))
+    assert 0 < err.relative < 0.1 and err.cosine > 0.99
+
+
+def test_fp8_compute_is_honoured_or_refused(files, cli):
+    def note_of(mode: str) -> tuple[str, int | None]:
+        req = BenchRequest([str(files["fp8-scaled"])], batch_sizes=(1,), steps=1, warmup=0, device="cpu",
+                           dtype="fp32", fp8_compute=mode)  # fmt: skip
+        res = bench(req)
+        return next(n for n in res.notes if "fp8" in n), res.models[0].fp8_matmul_layers
+
+    note, layers = note_of("matmul")
+    assert "Linear layers multiply in fp8" in note and layers and f"{layers} Linear" in note
+    note, layers = note_of("auto")  # a CPU: torch's fp8 matmul there is no faster than casting up
+    assert "no fp8 matmul: none on cpu" in note and layers is None
+    note, _ = note_of("cast-up")
+    assert "no fp8 matmul: asked for" in note
+    r = cli("bench", str(files["src"]), "--fp8-compute", "matmul", "--batch-sizes", "1", "--steps", "1")
+    assert r.code == 2 and "applies to fp8 files" in r.stderr
+    r = cli("bench", str(files["src"]), "--fp8-compute", "fast")
+    assert r.code == 2

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sdcompress.choices import DType
+from sdcompress.choices import DType, Fp8Compute
 from sdcompress.cli._options import DTYPE_METAVAR, AllowPickle, Device, Json, Overwrite, renamed
 from sdcompress.cli._output import emit_json, human_bytes, human_count, note, success, table
 from sdcompress.errors import SdcError
@@ -126,6 +126,16 @@ def bench(
             "a model shipped with LCMScheduler, else 50. s/img = steps/img / (steps/s x batch).",
         ),
     ] = None,
+    fp8_compute: Annotated[
+        Fp8Compute,
+        typer.Option(
+            "--fp8-compute",
+            parser=Fp8Compute.cli,
+            metavar="auto|matmul|cast-up",
+            help="An fp8 file's Linear layers: multiplied in fp8 (torch._scaled_mm) or cast up per layer. "
+            "auto: fp8 matmuls on a CUDA GPU that has them (compute capability 8.9+), else cast up.",
+        ),
+    ] = Fp8Compute.AUTO,
     plot_path: Annotated[
         str | None, typer.Option("--plot", help="Also draw a bar chart of steps/s to this PNG file.")
     ] = None,
@@ -154,6 +164,7 @@ def bench(
         family=renamed(family, teacher, new="--family", old="--teacher"),
         allow_pickle=allow_pickle,
         image_steps=_batch_sizes(image_steps, "--image-steps", "50,50,4") if image_steps else (),
+        fp8_compute=fp8_compute,
     )
     result = run_bench(req, on_progress=None if json_ else note)
     if plot_path is not None:

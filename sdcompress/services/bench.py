@@ -32,7 +32,7 @@ from sdcompress.arch.families import FAMILIES, Config, Family, find_family, get_
 from sdcompress.arch.presets import PRESETS, get_preset, preset_for_family
 from sdcompress.checkpoint.model import Model, disk_size
 from sdcompress.checkpoint.sampling import PIPELINE_STEPS, OwnSampling, own_sampling
-from sdcompress.choices import DType, parse_choices, resolve_dtype
+from sdcompress.choices import DType, Fp8Compute, parse_choices, resolve_dtype
 from sdcompress.devices import resolve_device
 from sdcompress.errors import SdcError
 
@@ -57,6 +57,7 @@ class BenchRequest:
     # Denoising steps one image needs, per model in order (one value: every model); empty: each model's
     # default (`default_image_steps`). Seconds per image = steps needed / steps per second.
     image_steps: tuple[int, ...] = ()
+    fp8_compute: Fp8Compute = Fp8Compute.AUTO  # an fp8 file's Linears: fp8 matmul or cast up
 
     def __post_init__(self) -> None:
         parse_choices(self)
@@ -91,6 +92,9 @@ class ModelBench:
     results: list[BatchResult] = field(default_factory=list)
     image_steps: int = 0  # denoising steps one image needs with this model
     cfg: bool = True  # whether its U-Net batch is doubled for guidance
+    fp8_matmul_layers: int | None = (
+        None  # an fp8 file's Linears multiplied in fp8 (None: not fp8, or cast up)
+    )
 
 
 @dataclass
@@ -126,6 +130,8 @@ class _Subject:
     scheduler: str | None = None  # the scheduler class a model ships with (None: an architecture)
     quantized: str | None = None  # a quantized file's format (its fp8 weights are cast up per layer)
     sampling: OwnSampling = field(default_factory=OwnSampling)  # how the model says it is sampled
+    fp8_matmul: bool = False  # set by `bench` for the device: its fp8 Linears multiply in fp8
+    fp8_matmul_layers: int | None = None  # how many, once built
 
 
 def default_image_steps(subject: _Subject) -> int:
@@ -220,7 +226,7 @@ def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
     model = load_model(ref, allow_pickle=allow_pickle)
     quant = of_model(model)
     scheduler = model.configs.get("scheduler", {}).get("_class_name")
-    return _Subject(
+    subject = _Subject(
         ref=ref,
         family=model.family,
         preset=model.preset,
@@ -228,15 +234,19 @@ def _model_subject(ref: str, allow_pickle: bool) -> _Subject:
         vae_config=model.configs.get("vae") or model.family.vae,
         text_embed_dim=_text_embed_dim(model.configs, model.family),
         size_on_disk=disk_size(model.path),
-        unet_factory=lambda device, dtype: _unet(model, device, dtype),
+        unet_factory=lambda device, dtype: _unet(model, device, dtype, subject),
         scheduler=scheduler,
         quantized=quant.format if quant is not None else None,
         sampling=own_sampling(model.path, scheduler),
     )
+    return subject
 
 
-def _unet(model: Model, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The U-Net in `dtype`; a quantized file's fp8 weights stay fp8 and are cast up per layer."""
+def _unet(
+    model: Model, device: torch.device, dtype: torch.dtype, subject: _Subject | None = None
+) -> torch.nn.Module:
+    """The U-Net in `dtype`; a quantized file's fp8 weights stay fp8: cast up per layer, and with
+    `subject.fp8_matmul` its fitting Linears multiplied in fp8."""
     from sdcompress.checkpoint.instantiate import build_module
     from sdcompress.quantize.describe import of_model
 
@@ -250,6 +260,10 @@ def _unet(model: Model, device: torch.device, dtype: torch.dtype) -> torch.nn.Mo
     unet = module_from_config("unet", model.configs["unet"])
     load_weights(unet, weights, dtype=None, device=str(device))
     cast_up_per_layer(unet.eval(), dtype, scales)
+    if subject is not None and subject.fp8_matmul:
+        from sdcompress.quantize.fp8_matmul import swap_linears
+
+        subject.fp8_matmul_layers = swap_linears(unet, dtype, scales)
     return unet
 
 
@@ -437,6 +451,7 @@ def _measure_model(
             latent_size=latent,
             image_steps=image_steps,
             cfg=uses_cfg(subject, req),
+            fp8_matmul_layers=subject.fp8_matmul_layers,
         )
         for batch in req.batch_sizes:
             unet_batch = batch * (2 if bench.cfg else 1)
@@ -523,6 +538,26 @@ def _check(req: BenchRequest) -> None:
         )
 
 
+def _use_fp8_matmul(req: BenchRequest, device: torch.device, subjects: list[_Subject]) -> bool:
+    """`--fp8-compute` for this device: auto takes fp8 matmuls on a CUDA device that has them (on a
+    CPU, torch's fp8 matmul is a reference path, no faster than casting up); asked-for ones must run."""
+    from sdcompress.quantize import fp8_matmul
+
+    mode = req.fp8_compute
+    if mode is not Fp8Compute.AUTO and not any(s.quantized for s in subjects):
+        raise SdcError(f"--fp8-compute {mode} applies to fp8 files; none of the models is one.")
+    if mode is Fp8Compute.CAST_UP or not any(s.quantized for s in subjects):
+        return False
+    if mode is Fp8Compute.AUTO:
+        return device.type == "cuda" and fp8_matmul.available(device)
+    if not fp8_matmul.available(device):
+        raise SdcError(
+            f"--fp8-compute matmul: torch has no fp8 matmul on {device} (CUDA needs compute capability 8.9 "
+            "or newer); use --fp8-compute cast-up."
+        )
+    return True
+
+
 def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -> BenchResult:
     report = on_progress or (lambda message: None)
     _check(req)
@@ -531,6 +566,9 @@ def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -
     subjects = _subjects(req)
     for s in subjects:  # fail on a bad resolution before measuring anything
         latent_size(s, req.resolution or s.family.resolution)
+    matmul = _use_fp8_matmul(req, device, subjects)
+    for s in subjects:
+        s.fp8_matmul = matmul and s.quantized is not None
     if device.type == "cpu":
         report("warming up the process (not measured)")
         _warm_up_process(subjects[0], req, device, dtype)
@@ -546,12 +584,22 @@ def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -
         )
     if req.random_weights:
         notes.append("random weights: speed and memory of the architecture; no checkpoint was read.")
+    compute = str(dtype).removeprefix("torch.")
     for s in subjects:
-        if s.quantized is not None:
+        if s.quantized is None:
+            continue
+        scaled = ", times their scales" if s.quantized == "fp8-scaled" else ""
+        if s.fp8_matmul:
+            notes.append(
+                f"{s.ref} is {s.quantized}: {s.fp8_matmul_layers} Linear layers multiply in fp8 (torch._scaled_mm, "
+                f"activations quantized per tensor); its other fp8 weights stay fp8 in memory and are cast up "
+                f"to {compute} per layer for each forward{scaled}."
+            )
+        else:
+            why = "asked for" if req.fp8_compute is Fp8Compute.CAST_UP else f"none on {device.type}"
             notes.append(
                 f"{s.ref} is {s.quantized}: its fp8 weights stay fp8 in memory and are cast up to "
-                f"{str(dtype).removeprefix('torch.')} per layer for each forward"
-                f"{', times their scales' if s.quantized == 'fp8-scaled' else ''} (no fp8 matmul)."
+                f"{compute} per layer for each forward{scaled} (no fp8 matmul: {why})."
             )
     return BenchResult(
         device=str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
