@@ -90,10 +90,12 @@ def round_to_fp8(t: torch.Tensor, target: torch.dtype) -> torch.Tensor:
             torch.mul(m.view(t.dtype), up, out=f).add_(magic)
         fi = f.view(src.bits)
         fi.sub_(magic_bits)
-        # Normal codes: round the mantissa (ties to even), re-bias the exponent, saturate.
-        torch.clamp(m, max=src.infinity, out=c)
-        torch.bitwise_right_shift(c, shift, out=s)
-        c.add_(s.bitwise_and_(1)).add_((1 << (shift - 1)) - 1 - (rebias << shift)).bitwise_right_shift_(shift)
+        # Normal codes: round the mantissa (ties to even), re-bias the exponent, saturate. Finite and
+        # infinite inputs cannot overflow (|x| <= inf's pattern, and the re-bias is subtracted before
+        # the shift); a NaN may wrap, and its code is set below anyway.
+        torch.bitwise_right_shift(m, shift, out=s)
+        torch.add(m, s.bitwise_and_(1), out=c)
+        c.add_((1 << (shift - 1)) - 1 - (rebias << shift)).bitwise_right_shift_(shift)
         # Pick without a mask: for |x| at or above the smallest normal, the normal code is at least
         # the smallest normal code and at most the (growing) subnormal formula; below it, the true
         # code (the subnormal formula) is at most the smallest normal code. So min(max(c, 1 << man), f).
