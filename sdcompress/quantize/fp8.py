@@ -13,6 +13,7 @@ scale would be read without it: convolutions are stored as a plain cast, with no
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,7 +59,7 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def scale_of(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
     """The per-tensor scale that maps the largest |value| to fp8's largest (0-d float32, as ComfyUI keeps it)."""
-    amax = t.float().abs().max()
+    amax = t.abs().max().float()  # |x| and max are exact in the source dtype: no float32 copy
     top = torch.finfo(dtype).max
     return torch.where(amax > 0, amax / top, torch.ones(())).to(torch.float32).reshape(())
 
@@ -66,6 +67,29 @@ def scale_of(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch
 def scaled(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     s = scale_of(t, dtype)
     return cast(t.float() / s, dtype), s
+
+
+class _LayerScale:
+    """One Linear's scale, computed once from whichever of its two tensors (codes, scale) loads first.
+
+    Both come from the same source weight; without this the writer would read and reduce it twice.
+    A lock, because the writer's load threads may load the two at once.
+    """
+
+    def __init__(self, source: LazyTensor, dtype: torch.dtype) -> None:
+        self.source, self.dtype = source, dtype
+        self.value: torch.Tensor | None = None
+        self.lock = threading.Lock()
+
+    def of(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        with self.lock:
+            if self.value is None:
+                self.value = scale_of(self.source.load() if t is None else t, self.dtype)
+            return self.value
+
+    def codes(self) -> torch.Tensor:
+        t = self.source.load()
+        return cast(t.float() / self.of(t), self.dtype)
 
 
 def takes_scale(shape: tuple[int, ...]) -> bool:
@@ -97,8 +121,9 @@ def quantized_state_dict(
             continue
         if use_scales and takes_scale(lt.shape) and name.endswith(".weight"):
             layer = prefix + name[: -len(".weight")]
-            out[prefix + name] = LazyTensor(lt.shape, dtype, lambda lt=lt: scaled(lt.load(), dtype)[0])
-            out[layer + SCALE] = LazyTensor((), torch.float32, lambda lt=lt: scale_of(lt.load(), dtype))
+            layer_scale = _LayerScale(lt, dtype)
+            out[prefix + name] = LazyTensor(lt.shape, dtype, layer_scale.codes)
+            out[layer + SCALE] = LazyTensor((), torch.float32, layer_scale.of)
         else:
             out[prefix + name] = LazyTensor(lt.shape, dtype, lambda lt=lt: cast(lt.load(), dtype))
         records.append(LayerRecord(name, str(dtype).removeprefix("torch."), lt.shape))
