@@ -183,8 +183,8 @@ def load_lora_student(teacher_dir: str, out: Path):
 
 def measure(
     teacher_ref: str, students: dict[str, tuple], resolution: int, guidance: float, seeds: list[int]
-) -> tuple[dict[str, dict], dict[str, list[int]]]:
-    """Every row against the teacher at 50 steps; the mean scores and each row's timesteps as sampled."""
+) -> dict[str, dict]:
+    """Every row against the teacher at 50 steps: mean scores, the timesteps sampled, wins over its pair."""
     import numpy as np
     import torch
     from diffusers import DDIMScheduler, DiffusionPipeline
@@ -230,7 +230,7 @@ def measure(
         if row.pair is not None:
             wins = sum(a[0] < b[0] for a, b in zip(scores[name], scores[row.pair], strict=True))
             results[name]["closer"] = f"{wins}/{len(scores[name])}"
-    return results, sampled
+    return results
 
 
 def main() -> None:
@@ -306,7 +306,7 @@ def main() -> None:
             run = DmdRun("dmd2-lora", None, args.lora_rank, args.lora_lr, **common)
             out = train_dmd2(run_dir, teacher, data, run, args.resolution)
             students[f"DMD2 LoRA r{args.lora_rank}"] = (
-                load_lora_student(teacher, out),
+                load_lora_student(load_model(teacher).path, out),
                 teacher_pipe,
                 0.0,
                 0.0,
@@ -321,7 +321,7 @@ def main() -> None:
                 0.0,
                 0.0,
             )
-        results, _ = measure(teacher, students, args.resolution, args.guidance, args.seeds)
+        results = measure(teacher, students, args.resolution, args.guidance, args.seeds)
     if args.json:
         print(json.dumps(results, indent=2))
         return
