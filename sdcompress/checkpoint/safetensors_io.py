@@ -275,7 +275,7 @@ def _in_order(
 
     With `workers`, up to `workers + 1` loads run ahead in threads while the caller writes, each
     thread with one torch thread: the loads are parallel across tensors instead of inside each.
-    Inside, a load of many elementwise passes (an fp8 rounding is ~17) meets torch's thread
+    Inside, a load of many elementwise passes (an fp8 rounding is ~15) meets torch's thread
     barrier after every pass, and one descheduled thread on a busy machine stalls them all
     (measured on 2 cores at load 3: 15-51M values/s with two intra-op threads, 196M with one).
     """

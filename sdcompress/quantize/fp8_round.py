@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 # Elements per slice: the working buffers (four 16- or 32-bit arrays) stay inside the L2 cache,
-# which is what makes the ~20 passes per slice cheap; measured best of 16K..1M on this project's CI CPU.
+# which is what makes the ~15 passes per slice cheap; measured best of 16K..1M on this project's CI CPU.
 SLICE = 1 << 18
 
 

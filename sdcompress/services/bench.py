@@ -92,9 +92,8 @@ class ModelBench:
     results: list[BatchResult] = field(default_factory=list)
     image_steps: int = 0  # denoising steps one image needs with this model
     cfg: bool = True  # whether its U-Net batch is doubled for guidance
-    fp8_matmul_layers: int | None = (
-        None  # an fp8 file's Linears multiplied in fp8 (None: not fp8, or cast up)
-    )
+    # an fp8 file's Linears multiplied in fp8 (None: not an fp8 file, or cast up)
+    fp8_matmul_layers: int | None = None
 
 
 @dataclass
@@ -589,14 +588,19 @@ def bench(req: BenchRequest, on_progress: Callable[[str], None] | None = None) -
         if s.quantized is None:
             continue
         scaled = ", times their scales" if s.quantized == "fp8-scaled" else ""
-        if s.fp8_matmul:
+        if s.fp8_matmul and s.fp8_matmul_layers:
             notes.append(
                 f"{s.ref} is {s.quantized}: {s.fp8_matmul_layers} Linear layers multiply in fp8 (torch._scaled_mm, "
                 f"activations quantized per tensor); its other fp8 weights stay fp8 in memory and are cast up "
                 f"to {compute} per layer for each forward{scaled}."
             )
         else:
-            why = "asked for" if req.fp8_compute is Fp8Compute.CAST_UP else f"none on {device.type}"
+            if req.fp8_compute is Fp8Compute.CAST_UP:
+                why = "asked for"
+            elif s.fp8_matmul:
+                why = "no layer fits it: e4m3fn Linear weights with dimensions that are multiples of 16"
+            else:
+                why = f"none on {device.type}"
             notes.append(
                 f"{s.ref} is {s.quantized}: its fp8 weights stay fp8 in memory and are cast up to "
                 f"{compute} per layer for each forward{scaled} (no fp8 matmul: {why})."
