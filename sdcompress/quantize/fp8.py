@@ -64,8 +64,11 @@ def scale_of(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch
     return torch.where(amax > 0, amax / top, torch.ones(())).to(torch.float32).reshape(())
 
 
-def scaled(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    s = scale_of(t, dtype)
+def scaled(
+    t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 codes of `t / scale` and the scale (`scale_of(t)` unless one computed from `t` is given)."""
+    s = scale_of(t, dtype) if scale is None else scale
     return cast(t.float() / s, dtype), s
 
 
@@ -89,7 +92,7 @@ class _LayerScale:
 
     def codes(self) -> torch.Tensor:
         t = self.source.load()
-        return cast(t.float() / self.of(t), self.dtype)
+        return scaled(t, self.dtype, self.of(t))[0]
 
 
 def takes_scale(shape: tuple[int, ...]) -> bool:
