@@ -130,6 +130,13 @@ def _scheduler(config: dict[str, Any]):
     return LCMScheduler.from_config(config)
 
 
+def lcm_train_config(train, task: LcmTask):
+    """Validation images at the few steps an LCM student is used at, unless --validation-steps was given."""
+    from sdcompress.services.distill import default_validation_steps
+
+    return default_validation_steps(train, LCM_VALIDATION_STEPS)
+
+
 def few_step_record(
     request, teacher, summary: TrainingSummary, objective: str, prediction: str, **fields
 ) -> dict:

@@ -119,6 +119,17 @@ def default_validation_steps(train: TrainConfig, steps: int | None) -> TrainConf
     return replace(train, validation=replace(train.validation, steps=steps))
 
 
+def _few_step_objective(request: DistillRequest):
+    """The task factory and training-config rule of `--objective lcm` or `dmd2` (same signatures)."""
+    if request.consistency.is_lcm:
+        from sdcompress.services.consistency import lcm_task, lcm_train_config
+
+        return lcm_task, lcm_train_config
+    from sdcompress.services.dmd import dmd2_task, dmd2_train_config
+
+    return dmd2_task, dmd2_train_config
+
+
 def _load(request: DistillRequest):
     """Teacher and student headers, checked against each other before anything big is built."""
     from sdcompress.checkpoint.resolve import load_model
@@ -163,10 +174,9 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
     student_unet = build_module(student, "unet", dtype=torch.float32)
     parts = DiffusionParts.from_pipeline(pipe)
     teacher_unet, parts.unet = parts.unet, student_unet
-    if request.consistency.is_lcm:
-        from sdcompress.services.consistency import LCM_VALIDATION_STEPS, lcm_task
-
-        task = lcm_task(
+    if request.consistency.is_lcm or request.consistency.is_dmd2:  # few-step students: their own task
+        make_task, train_config = _few_step_objective(request)
+        task = make_task(
             request,
             teacher,
             student,
@@ -175,21 +185,7 @@ def distill(request: DistillRequest, progress: ProgressCallback | None = None) -
             save_dtype(request.save_dtype, teacher),
             data.resolution,
         )
-        train = default_validation_steps(replace(request.train, output_dir=output), LCM_VALIDATION_STEPS)
-        return DistillResult(**vars(run_training(task, train, data, progress)))
-    if request.consistency.is_dmd2:
-        from sdcompress.services.dmd import dmd2_task, dmd2_train_config
-
-        task = dmd2_task(
-            request,
-            teacher,
-            student,
-            parts,
-            teacher_unet,
-            save_dtype(request.save_dtype, teacher),
-            data.resolution,
-        )
-        train = dmd2_train_config(replace(request.train, output_dir=output), len(task.timesteps))
+        train = train_config(replace(request.train, output_dir=output), task)
         try:
             return DistillResult(**vars(run_training(task, train, data, progress)))
         finally:

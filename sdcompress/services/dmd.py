@@ -170,11 +170,11 @@ def dmd2_task(
     )
 
 
-def dmd2_train_config(train, steps: int):
+def dmd2_train_config(train, task: Dmd2Task):
     """Validation samples as the student is used: its own steps, no classifier-free guidance."""
     from sdcompress.services.distill import default_validation_steps
 
-    train = default_validation_steps(train, steps)
+    train = default_validation_steps(train, len(task.timesteps))
     return replace(train, validation=replace(train.validation, guidance_scale=0.0))
 
 

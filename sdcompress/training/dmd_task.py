@@ -34,6 +34,7 @@ from sdcompress.errors import SdcError
 from sdcompress.training.conditioning import Conditioning, unet_added_conditions
 from sdcompress.training.config import DmdConfig, LossConfig
 from sdcompress.training.features import FeaturePair, FeatureTaps
+from sdcompress.training.few_step import FewStepResults
 from sdcompress.training.lcm_task import boundary_scalings
 from sdcompress.training.losses import feature_mse
 from sdcompress.training.noise import convert_prediction, training_target
@@ -114,7 +115,7 @@ def _inner(module: torch.nn.Module) -> torch.nn.Module:
 # ---------------------------------------------------------------------------- the task
 
 
-class Dmd2Task(DiffusionTask):
+class Dmd2Task(FewStepResults, DiffusionTask):
     """Train `parts.unet` (the whole student or its LoRA) by distribution matching against `teacher`."""
 
     name = "dmd2"
@@ -402,20 +403,7 @@ class Dmd2Task(DiffusionTask):
             out["gan"] = gan.detach()
         return {"loss": loss, **out}
 
-    # -- results ---------------------------------------------------------------
-
-    def validation_pipeline(self):
-        return self.parts.pipeline(unet=self.parts.unet)
-
-    def save(self, output_dir: Path, summary: TrainingSummary) -> None:
-        self.saver(self, output_dir, summary)
-
-    def export_lora(self) -> list:
-        """The trained student LoRA as the project's LoRA modules (for the one LoRA writer)."""
-        from sdcompress.lowrank.targets import UNET
-        from sdcompress.training.lora_task import export_adapters
-
-        return export_adapters(self.parts.unet, UNET, self.lora_paths, self.lora_spec)
+    # -- results (validation pipeline, save, LoRA export: FewStepResults) ------
 
     def close(self) -> None:
         """Remove the hooks (the modules may be reused after training)."""

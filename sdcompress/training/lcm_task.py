@@ -29,6 +29,7 @@ import torch
 
 from sdcompress.training.conditioning import Conditioning, unet_added_conditions
 from sdcompress.training.config import ConsistencyConfig, LossConfig
+from sdcompress.training.few_step import FewStepResults
 from sdcompress.training.noise import convert_prediction, sample_noise
 from sdcompress.training.task import DiffusionParts, DiffusionTask, TrainingSummary, place_teacher
 
@@ -80,7 +81,7 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, huber_
     return torch.nn.functional.mse_loss(pred, target)
 
 
-class LcmTask(DiffusionTask):
+class LcmTask(FewStepResults, DiffusionTask):
     """Train `parts.unet` (the whole student, or its LoRA adapters) to be a latent consistency model."""
 
     name = "lcm"
@@ -223,18 +224,3 @@ class LcmTask(DiffusionTask):
             target = skip_e * x_prev + out_e * self._x0(target_out, self.prediction_type, x_prev, end)
         loss = consistency_loss(prediction, target, cfg.consistency_loss, cfg.huber_c)
         return {"loss": loss, "consistency": loss.detach()}
-
-    # -- results ---------------------------------------------------------------
-
-    def validation_pipeline(self):
-        return self.parts.pipeline(unet=self.parts.unet)
-
-    def save(self, output_dir: Path, summary: TrainingSummary) -> None:
-        self.saver(self, output_dir, summary)
-
-    def export_lora(self) -> list:
-        """The trained LCM-LoRA as the project's LoRA modules (for the one LoRA writer)."""
-        from sdcompress.lowrank.targets import UNET
-        from sdcompress.training.lora_task import export_adapters
-
-        return export_adapters(self.parts.unet, UNET, self.lora_paths, self.lora_spec)
