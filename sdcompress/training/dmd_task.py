@@ -34,7 +34,7 @@ from sdcompress.errors import SdcError
 from sdcompress.training.conditioning import Conditioning, unet_added_conditions
 from sdcompress.training.config import DmdConfig, LossConfig
 from sdcompress.training.features import FeaturePair, FeatureTaps
-from sdcompress.training.few_step import FewStepResults
+from sdcompress.training.few_step import FewStepStudent
 from sdcompress.training.lcm_task import boundary_scalings
 from sdcompress.training.losses import feature_mse
 from sdcompress.training.noise import convert_prediction, training_target
@@ -115,7 +115,7 @@ def _inner(module: torch.nn.Module) -> torch.nn.Module:
 # ---------------------------------------------------------------------------- the task
 
 
-class Dmd2Task(FewStepResults, DiffusionTask):
+class Dmd2Task(FewStepStudent, DiffusionTask):
     """Train `parts.unet` (the whole student or its LoRA) by distribution matching against `teacher`."""
 
     name = "dmd2"
@@ -226,18 +226,6 @@ class Dmd2Task(FewStepResults, DiffusionTask):
                     param.data = param.data.float()
 
     # -- scores and samples ---------------------------------------------------
-
-    def uncond(self, cond: Conditioning) -> Conditioning:
-        """The unguided condition: the empty prompt (SD), zeros as SDXL's pipeline uses (SDXL)."""
-        batch = cond.hidden_states.shape[0]
-        if self.parts.is_sdxl:
-            pooled = None if cond.pooled is None else torch.zeros_like(cond.pooled)
-            return Conditioning(torch.zeros_like(cond.hidden_states), pooled)
-        if self._uncond is None:
-            with torch.no_grad():
-                self._uncond = self.encode({"captions": [""]})
-        hidden = self._uncond.hidden_states.to(cond.hidden_states.device, cond.hidden_states.dtype)
-        return Conditioning(hidden.expand(batch, *hidden.shape[1:]), None)
 
     def _x0(self, unet, x, t, cond: Conditioning, added, kind: str, dtype=None) -> torch.Tensor:
         """A U-Net's x0 estimate at (x, t), whatever it predicts."""
@@ -403,7 +391,7 @@ class Dmd2Task(FewStepResults, DiffusionTask):
             out["gan"] = gan.detach()
         return {"loss": loss, **out}
 
-    # -- results (validation pipeline, save, LoRA export: FewStepResults) ------
+    # -- results (validation pipeline, save, LoRA export: FewStepStudent) ------
 
     def close(self) -> None:
         """Remove the hooks (the modules may be reused after training)."""

@@ -29,7 +29,7 @@ import torch
 
 from sdcompress.training.conditioning import Conditioning, unet_added_conditions
 from sdcompress.training.config import ConsistencyConfig, LossConfig
-from sdcompress.training.few_step import FewStepResults
+from sdcompress.training.few_step import FewStepStudent
 from sdcompress.training.noise import convert_prediction, sample_noise
 from sdcompress.training.task import DiffusionParts, DiffusionTask, TrainingSummary, place_teacher
 
@@ -81,7 +81,7 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, huber_
     return torch.nn.functional.mse_loss(pred, target)
 
 
-class LcmTask(FewStepResults, DiffusionTask):
+class LcmTask(FewStepStudent, DiffusionTask):
     """Train `parts.unet` (the whole student, or its LoRA adapters) to be a latent consistency model."""
 
     name = "lcm"
@@ -158,18 +158,6 @@ class LcmTask(FewStepResults, DiffusionTask):
             tgt.mul_(decay).add_(src.detach().to(tgt.dtype), alpha=1 - decay)
 
     # -- the loss ------------------------------------------------------------
-
-    def uncond(self, cond: Conditioning) -> Conditioning:
-        """The unguided condition: the empty prompt's embedding (SD), zeros as SDXL's pipeline uses (SDXL)."""
-        batch = cond.hidden_states.shape[0]
-        if self.parts.is_sdxl:
-            pooled = None if cond.pooled is None else torch.zeros_like(cond.pooled)
-            return Conditioning(torch.zeros_like(cond.hidden_states), pooled)
-        if self._uncond is None:
-            with torch.no_grad():
-                self._uncond = self.encode({"captions": [""]})
-        hidden = self._uncond.hidden_states.to(cond.hidden_states.device, cond.hidden_states.dtype)
-        return Conditioning(hidden.expand(batch, *hidden.shape[1:]), None)
 
     def _x0(self, output: torch.Tensor, kind: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return convert_prediction(output.float(), kind, "sample", x, t, self.parts.noise_scheduler)
