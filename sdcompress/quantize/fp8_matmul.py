@@ -1,7 +1,8 @@
 """Linear layers whose fp8 weights are multiplied in fp8 (`torch._scaled_mm`), where torch has it.
 
 On GPUs with fp8 tensor cores (compute capability 8.9 and up: Ada, Hopper, Blackwell) an fp8
-matmul runs at up to twice the fp16 rate; this is the "fast fp8" mode of ComfyUI and Forge. The
+matmul runs at up to twice the fp16 rate (NVIDIA's peak figures; not measured here); ComfyUI's
+`fp8_e4m3fn_fast` weight type does the same. The
 other way to run an fp8 file, casting each layer's weights up for its forward (`cast_up`), saves
 memory but no time. Neither diffusers nor peft has an fp8-matmul layer (diffusers' layerwise
 casting casts up; torchao's float8 training layers quantize weights themselves rather than take
